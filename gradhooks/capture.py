@@ -1,0 +1,164 @@
+"""What a hook records for one forward call of a module.
+
+A :class:`Call` pairs the inputs of one forward call with the gradient that
+backward later sends to *that call's* outputs. The pairing is by object, not by
+order: the forward hook creates the ``Call`` and registers a tensor hook on the
+call's own output, so repeated calls (weight sharing, recurrence) can never be
+mixed up.
+
+Why tensor hooks and not ``register_full_backward_hook``: a full backward hook
+wraps the output in a ``BackwardHookFunction`` whose output is a view, and an
+in-place op right after the module (``nn.ReLU(inplace=True)``) then fails
+("Output 0 of BackwardHookFunctionBackward is a view and is being modified
+inplace", pytorch#61519). A hook registered on the output tensor receives the
+gradient with respect to the value *before* any later in-place change, which
+is exactly the ``G`` we need. When the output is itself a reshaping view of a
+fresh tensor (``nn.Linear`` on ``(N, *, in)`` returns a view of a 2-D matmul
+result) an in-place op re-bases the view's history and a hook on the view
+would never fire, so the hook goes on the view's base instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+__all__ = ["Call", "GradHook", "detach_tree", "first_tensor", "hook_target", "output_tensors"]
+
+
+class Call:
+    """One recorded forward call of a hooked module.
+
+    Attributes:
+        args: the positional inputs, tensors detached (they alias, not copy).
+        kwargs: the keyword inputs, tensors detached.
+        grads: one entry per tensor leaf of the output (in ``pytree`` order):
+            the gradient backward sent to it, summed over backward passes, or
+            ``None`` when none arrived.
+        out_meta: ``(shape, dtype, device)`` of each output leaf, ``None`` for
+            non-tensor leaves.
+        batch_size: size of dimension 0 of the first tensor input.
+    """
+
+    __slots__ = ("args", "kwargs", "grads", "out_meta", "batch_size")
+
+    def __init__(
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        outputs: list[Any],
+    ) -> None:
+        self.args = detach_tree(args)
+        self.kwargs = detach_tree(kwargs)
+        self.grads: list[Tensor | None] = [None] * len(outputs)
+        self.out_meta = [
+            (o.shape, o.dtype, o.device) if isinstance(o, Tensor) else None for o in outputs
+        ]
+        x = first_tensor((self.args, self.kwargs))
+        self.batch_size = int(x.shape[0]) if x is not None and x.dim() > 0 else None
+
+    @property
+    def input(self) -> Tensor:
+        """The first tensor input, ``(N, ...)`` (e.g. ``X`` of a Linear)."""
+        x = first_tensor((self.args, self.kwargs))
+        if x is None:
+            raise ValueError("this call has no tensor input")
+        return x
+
+    @property
+    def grad(self) -> Tensor:
+        """Gradient of the first tensor output, ``(N, ...)`` (``G``); zeros if none arrived."""
+        for i, meta in enumerate(self.out_meta):
+            if meta is not None:
+                return self.grad_of(i)
+        raise ValueError("this call has no tensor output")
+
+    def grad_of(self, i: int) -> Tensor:
+        """Gradient of output leaf ``i``; zeros of the output's shape if none arrived."""
+        g = self.grads[i]
+        if g is not None:
+            return g
+        meta = self.out_meta[i]
+        if meta is None:
+            raise ValueError(f"output {i} of this call is not a tensor")
+        shape, dtype, device = meta
+        return torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def has_grad(self) -> bool:
+        return any(g is not None for g in self.grads)
+
+    def add_grad(self, i: int, g: Tensor) -> None:
+        g = g.detach()
+        prev = self.grads[i]
+        # Out of place: the tensor belongs to autograd, which may reuse it.
+        self.grads[i] = g if prev is None else prev + g
+
+    def release(self) -> None:
+        """Drop the captured tensors (memory)."""
+        self.args = ()
+        self.kwargs = {}
+        self.grads = [None] * len(self.grads)
+
+
+def detach_tree(tree: Any) -> Any:
+    """``tree`` with every tensor leaf detached (a view sharing storage)."""
+    return pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, tree)
+
+
+def first_tensor(tree: Any) -> Tensor | None:
+    """The first tensor leaf of ``tree`` in pytree order, or ``None``."""
+    for leaf in pytree.tree_leaves(tree):
+        if isinstance(leaf, Tensor):
+            return leaf
+    return None
+
+
+def output_tensors(output: Any) -> tuple[list[Any], Any]:
+    """Flatten a module's output into leaves and the spec to rebuild it."""
+    return pytree.tree_flatten(output)
+
+
+def hook_target(out: Tensor, inputs: list[Tensor]) -> Tensor:
+    """The tensor whose hook sees the gradient of ``out`` as produced by the module.
+
+    ``out`` itself, unless it is a same-layout reshaping view of a tensor created
+    inside the module (not one of its inputs); then that base, whose gradient is
+    ``out``'s gradient reshaped and survives in-place ops on the view.
+    """
+    base = out._base
+    if (
+        base is None
+        or base.grad_fn is None
+        or base.numel() != out.numel()
+        or not out.is_contiguous()
+        or not base.is_contiguous()
+        or base.storage_offset() != out.storage_offset()
+    ):
+        return out
+    ptr = base.untyped_storage().data_ptr()
+    if any(t.untyped_storage().data_ptr() == ptr for t in inputs):
+        return out
+    return base
+
+
+class GradHook:
+    """Tensor hook that adds the arriving gradient to ``call.grads[index]``.
+
+    Inert once ``is_active()`` turns false (the context has exited).
+    """
+
+    __slots__ = ("call", "index", "shape", "is_active")
+
+    def __init__(self, call: Call, index: int, shape: torch.Size, is_active: Callable[[], bool]) -> None:
+        self.call = call
+        self.index = index
+        self.shape = shape
+        self.is_active = is_active
+
+    def __call__(self, grad: Tensor) -> None:
+        if self.is_active():
+            self.call.add_grad(self.index, grad.reshape(self.shape))

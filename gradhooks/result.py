@@ -1,0 +1,255 @@
+"""``PerSampleGrads``: the read-only mapping the context manager returns.
+
+It holds either the materialized per-sample gradients or, with
+``materialize=False``, the captured inputs and output gradients from which
+norms and clipped sums are computed exactly on demand.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from . import combine
+from .combine import Covered
+from .errors import ContextStateError, NonFiniteNormError
+from .rule import accumulation_dtype, squared_norms_of
+
+__all__ = ["PerSampleGrads"]
+
+_State = Literal["open", "ready", "failed", "no_backward"]
+
+#: Added to each norm before dividing, as in SPEC.md and torch.nn.utils.clip_grad_norm_.
+CLIP_EPS = 1e-6
+
+
+class PerSampleGrads(Mapping[str, Tensor]):
+    """Per-sample gradients of one batch: ``g[name]`` is ``(N, *p.shape)``.
+
+    Keys are the covered parameters' names as in ``model.named_parameters()``,
+    in that order. ``g[name][n]`` is the gradient of sample ``n``'s own loss
+    term. Valid once the ``per_sample_grads`` context has exited normally after
+    a backward pass; using it otherwise raises ``RuntimeError``.
+    """
+
+    def __init__(self, covered: Sequence[Covered], loss_reduction: str, materialize: bool) -> None:
+        self._covered = list(covered)
+        self._names = [c.name for c in self._covered]
+        self._loss_reduction = loss_reduction
+        self._materialize = materialize
+        self._state: _State = "open"
+        self._why = "the per_sample_grads context has not exited yet: use g after the with block"
+        self._n = 0
+        self._grads: dict[str, Tensor] = {}
+        self._before: dict[str, Tensor | None] = {}
+        self._squared: dict[str, Tensor] | None = None
+        self._world = None  # distributed bookkeeping, set by the context for DDP models
+        params = [c.param for c in self._covered]
+        self._norm_dtype = (
+            torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        )
+        self._fallback_modules: list[str] = []
+
+    # -- lifecycle (called by the context) --------------------------------
+
+    def _ready(self, n: int, before: dict[str, Tensor | None], grads: dict[str, Tensor] | None) -> None:
+        self._n = n
+        self._before = before
+        self._grads = grads or {}
+        self._state = "ready"
+
+    def _fail(self, why: str) -> None:
+        self._state = "failed"
+        self._why = why
+        self._release()
+
+    def _no_backward(self) -> None:
+        self._state = "no_backward"
+        self._why = (
+            "no backward pass ran inside the per_sample_grads context (no hooked module's "
+            "output received a gradient): call loss.backward() inside the with block"
+        )
+        self._release()
+
+    def _release(self) -> None:
+        for cov in self._covered:
+            for site, _ in cov.owners:
+                for call in site.calls:
+                    call.release()
+                site.calls.clear()
+        self._grads = {}
+        self._squared = None
+
+    def _require(self) -> None:
+        if self._state != "ready":
+            raise ContextStateError(self._why)
+
+    # -- Mapping -------------------------------------------------------------
+
+    def __getitem__(self, name: str) -> Tensor:
+        self._require()
+        if name not in self._names:
+            raise KeyError(name)
+        if not self._materialize:
+            raise ContextStateError(
+                f"per-sample gradients were not materialized (materialize=False), so g[{name!r}] "
+                "does not exist; use g.norms(), g.param_norms() or g.clip_(), or enter the "
+                "context with materialize=True"
+            )
+        return self._grads[name]
+
+    def __iter__(self) -> Iterator[str]:
+        self._require()
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        self._require()
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        self._require()
+        return name in self._names
+
+    def __repr__(self) -> str:
+        if self._state != "ready":
+            return f"PerSampleGrads(<{self._state}>)"
+        mode = "materialized" if self._materialize else "not materialized"
+        return f"PerSampleGrads(batch_size={self._n}, {len(self._names)} parameters, {mode})"
+
+    # -- results -----------------------------------------------------------
+
+    @property
+    def batch_size(self) -> int:
+        """N, the batch size of the model's input (local samples under DDP)."""
+        self._require()
+        return self._n
+
+    @property
+    def loss_reduction(self) -> str:
+        """``"mean"`` or ``"sum"``, as passed to ``per_sample_grads``."""
+        return self._loss_reduction
+
+    @property
+    def fallback_modules(self) -> list[str]:
+        """Qualified names of the modules handled through ``torch.func`` (``fallback=True``)."""
+        return list(self._fallback_modules)
+
+    @property
+    def params(self) -> dict[str, torch.nn.Parameter]:
+        """``{name: parameter}`` for the covered parameters, in key order."""
+        return {c.name: c.param for c in self._covered}
+
+    def dot(self, others: Mapping[str, Tensor]) -> Tensor:
+        """``(N,)``: ``sum_name <g[name][n], others[name]>`` for each sample.
+
+        ``others`` maps covered parameter names to tensors of the parameter's
+        shape (names left out count as zero), e.g. the batch gradient for each
+        sample's alignment with it. Exact without materializing.
+        """
+        self._require()
+        unknown = [k for k in others if k not in self._names]
+        if unknown:
+            raise KeyError(f"dot: not covered parameters: {unknown}")
+        for k, v in others.items():
+            shape = self.params[k].shape
+            if tuple(v.shape) != tuple(shape):
+                raise ValueError(f"dot: others[{k!r}] has shape {tuple(v.shape)}, expected {tuple(shape)}")
+        if self._materialize:
+            terms = []
+            for k, v in others.items():
+                g = self._grads[k]
+                acc = accumulation_dtype(g.dtype)
+                terms.append((g.reshape(g.shape[0], -1).to(acc) @ v.to(device=g.device, dtype=acc).reshape(-1)).to(self._norm_dtype))
+        else:
+            got = combine.dots(self._covered, dict(others), self._n)
+            terms = [t.to(self._norm_dtype) * self._scale() for t in got.values()]
+        if not terms:
+            return torch.zeros(self._n, dtype=self._norm_dtype)
+        return torch.stack([t.to(terms[0].device) for t in terms]).sum(0)
+
+    def _scale(self) -> float:
+        """Raw (gradient of the reduced loss) to per-sample: N for "mean", 1 for "sum"."""
+        return float(self._n) if self._loss_reduction == "mean" else 1.0
+
+    def _squared_norms(self) -> dict[str, Tensor]:
+        if self._squared is None:
+            if self._materialize:
+                sq = {name: squared_norms_of(self._grads[name]) for name in self._names}
+                factor = 1.0
+            else:
+                sq = combine.squared_norms(self._covered, self._n)
+                factor = self._scale() ** 2
+            self._squared = {name: (sq[name].to(self._norm_dtype) * factor) for name in self._names}
+        return self._squared
+
+    def param_norms(self) -> dict[str, Tensor]:
+        """``{name: (N,)}``: each sample's L2 gradient norm, per parameter."""
+        self._require()
+        return {name: sq.sqrt() for name, sq in self._squared_norms().items()}
+
+    def norms(self) -> Tensor:
+        """``(N,)``: each sample's L2 gradient norm over all covered parameters."""
+        self._require()
+        sq = self._squared_norms()
+        if not sq:
+            return torch.zeros(self._n, dtype=self._norm_dtype)
+        devices = {t.device for t in sq.values()}
+        dev = next(iter(devices))
+        return torch.stack([t.to(dev) for t in sq.values()]).sum(0).sqrt()
+
+    def clip_(self, max_norm: float) -> Tensor:
+        """Clip each sample's whole gradient to ``max_norm`` and set ``p.grad``.
+
+        Factor ``c_n = min(1, max_norm / (norm_n + 1e-6))``; for every covered
+        parameter ``p.grad = grad_before_context + reduce_n(c_n * g_n)``
+        (``reduce``: mean for ``"mean"``, sum for ``"sum"``). Idempotent.
+        Raises ``FloatingPointError`` (nothing changed) if a norm is not finite.
+        Returns the factors, ``(N,)``.
+        """
+        self._require()
+        if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or math.isnan(max_norm) or max_norm <= 0:
+            raise ValueError(f"clip_: max_norm must be a positive number, got {max_norm!r}")
+        norms = self.norms()
+        bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
+        if bad:
+            raise NonFiniteNormError(
+                f"clip_: the per-sample gradient norm is not finite for sample(s) {bad}; "
+                "p.grad was left unchanged. Check those samples' inputs and the loss."
+            )
+        factors = (max_norm / (norms + CLIP_EPS)).clamp(max=1.0)
+        sums = self._clipped_sums(factors)
+        self._write_grads(sums)
+        return factors
+
+    def _clipped_sums(self, factors: Tensor) -> dict[str, Tensor]:
+        """``{name: p.shape}``: ``reduce_n(c_n g_n)`` in float32+ (before any all-reduce)."""
+        if not self._materialize:
+            return combine.weighted_sums(self._covered, factors)
+        out = {}
+        div = self._n if self._loss_reduction == "mean" else 1
+        for cov in self._covered:
+            g = self._grads[cov.name]
+            acc = accumulation_dtype(g.dtype)
+            c = factors.to(device=g.device, dtype=acc)
+            out[cov.name] = torch.tensordot(c, g.to(acc), dims=1) / div
+        return out
+
+    def _write_grads(self, sums: dict[str, Tensor]) -> None:
+        for cov in self._covered:
+            p = cov.param
+            new = sums[cov.name]
+            prior = self._before.get(cov.name)
+            if prior is not None:
+                new = new + (prior.to_dense() if prior.is_sparse else prior).to(new.dtype)
+            new = new.to(p.dtype)
+            with torch.no_grad():
+                if p.grad is not None and p.grad.is_sparse:
+                    p.grad = new.to_sparse(sparse_dim=1)
+                elif p.grad is not None and p.grad.shape == p.shape and p.grad.dtype == p.dtype:
+                    p.grad.copy_(new)  # keeps p.grad's identity (DDP bucket views, optimizers)
+                else:
+                    p.grad = new
