@@ -1,0 +1,401 @@
+"""Lifecycle of the per_sample_grads context: what gets hooks, what is recorded,
+what is left behind, and every error of SPEC.md's table (except clip_'s, in
+test_result.py)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradhooks
+from gradhooks import PerSampleGrads, UnsupportedModuleError, per_sample_grads
+from tests import reference
+from tests.hygiene import assert_clean, snapshot
+
+TOL = {"rtol": 1e-9, "atol": 1e-12}
+
+
+class Custom(nn.Module):
+    """A user module with its own parameter and no rule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+def net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 3)).double()
+
+
+def data(n=6):
+    torch.manual_seed(1)
+    return torch.randn(n, 4, dtype=torch.float64), torch.randint(0, 3, (n,))
+
+
+def step(model, x, y, reduction="mean"):
+    F.cross_entropy(model(x), y, reduction=reduction).backward()
+
+
+# -- hygiene ---------------------------------------------------------------------
+
+
+def test_nothing_left_after_normal_exit():
+    model = net()
+    before = snapshot(model)
+    x, y = data()
+    with per_sample_grads(model) as g:
+        assert model[0]._forward_hooks, "hooks are on inside the context"
+        step(model, x, y)
+    assert_clean(model, before)
+    assert g["0.weight"].shape == (6, 5, 4)
+
+
+@pytest.mark.parametrize("materialize", [True, False])
+def test_nothing_left_after_exception_inside(materialize):
+    model = net()
+    before = snapshot(model)
+    x, y = data()
+    err = KeyError("boom")
+    with pytest.raises(KeyError) as info:
+        with per_sample_grads(model, materialize=materialize):
+            step(model, x, y)
+            raise err
+    assert info.value is err, "the exception propagates unchanged"
+    assert_clean(model, before)
+
+
+def test_nothing_left_after_error_at_exit():
+    model = net()
+    before = snapshot(model)
+    x, y = data()
+    with pytest.raises(RuntimeError):
+        with per_sample_grads(model):
+            loss = F.cross_entropy(model(x), y) + (F.linear(x, model[0].weight) ** 2).mean()
+            loss.backward()
+    assert_clean(model, before)
+
+
+def test_nothing_left_after_refusal_on_entry():
+    model = nn.Sequential(nn.Linear(4, 4), Custom())
+    before = snapshot(model)
+    with pytest.raises(UnsupportedModuleError):
+        with per_sample_grads(model):
+            pass
+    assert_clean(model, before)
+
+
+def test_model_outputs_unchanged_inside():
+    model = net()
+    x, _ = data()
+    want = model(x.clone())
+    with per_sample_grads(model):
+        got = model(x.clone())
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_hooks_firing_after_exit_do_nothing():
+    """Graph built inside, backward outside: the late hooks are inert."""
+    model = net()
+    x, y = data()
+    with per_sample_grads(model) as g:
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()  # p.grad is filled as usual
+    assert model[0].weight.grad is not None
+    with pytest.raises(RuntimeError, match="no backward pass ran"):
+        g.norms()
+
+
+# -- what gets hooks -------------------------------------------------------------
+
+
+def test_frozen_parameters_are_ignored():
+    model = net()
+    model[0].weight.requires_grad_(False)
+    x, y = data()
+    with per_sample_grads(model) as g:
+        step(model, x, y)
+    assert list(g) == ["0.bias", "2.weight", "2.bias"]
+
+
+def test_strict_names_every_unsupported_module():
+    model = nn.Sequential(nn.Linear(4, 4), Custom(), nn.Sequential(Custom()))
+    with pytest.raises(UnsupportedModuleError) as info:
+        with per_sample_grads(model):
+            pass
+    msg = str(info.value)
+    assert isinstance(info.value, TypeError)
+    assert "'1' (Custom)" in msg and "'2.0' (Custom)" in msg
+    assert "fallback=True" in msg
+
+
+def test_strict_false_skips_with_one_warning():
+    model = nn.Sequential(nn.Linear(4, 4), Custom(), nn.Linear(4, 3)).double()
+    x, y = data()
+    model[1].scale.grad = torch.full((4,), 7.0, dtype=torch.float64)
+    with pytest.warns(UserWarning) as record:
+        with per_sample_grads(model, strict=False) as g:
+            step(model, x, y)
+    ours = [w for w in record if "strict=False" in str(w.message)]
+    assert len(ours) == 1 and "'1' (Custom)" in str(ours[0].message)
+    assert list(g) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    skipped_grad = model[1].scale.grad.clone()
+    g.clip_(0.1)
+    torch.testing.assert_close(model[1].scale.grad, skipped_grad, rtol=0, atol=0)
+    ref = reference.naive(model, lambda m, x, y: F.cross_entropy(m(x), y), x, y)
+    torch.testing.assert_close(g["0.weight"], ref["0.weight"], **TOL)
+
+
+def test_eval_mode_changes_nothing():
+    model = net().eval()
+    x, y = data()
+    with per_sample_grads(model) as g:
+        step(model, x, y)
+    ref = reference.naive(model, lambda m, x, y: F.cross_entropy(m(x), y), x, y)
+    for k in ref:
+        torch.testing.assert_close(g[k], ref[k], **TOL)
+
+
+# -- what is recorded ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_no_grad_forwards_are_not_recorded(mode):
+    model = net()
+    x, y = data()
+    ctx = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    with per_sample_grads(model, materialize=False) as g:
+        with ctx():
+            model(torch.randn(11, 4, dtype=torch.float64))  # another batch size: ignored
+        step(model, x, y)
+        with ctx():
+            model(torch.randn(3, 4, dtype=torch.float64))
+    sites = {id(s): s for c in g._covered for s, _ in c.owners}.values()
+    assert [len(s.calls) for s in sites] == [1, 1], "only the grad-enabled call is held"
+    assert g.batch_size == 6
+    ref = reference.naive(model, lambda m, x, y: F.cross_entropy(m(x), y), x, y)
+    torch.testing.assert_close(g.norms(), reference.norms(ref), **TOL)
+
+
+def test_two_backward_calls_add_up():
+    model = net()
+    x, y = data()
+    z = torch.randn(6, 3, dtype=torch.float64)
+    with per_sample_grads(model) as g:
+        out = model(x)
+        F.cross_entropy(out, y).backward(retain_graph=True)
+        F.mse_loss(out, z).backward()
+
+    def both(m, x, y, z):
+        o = m(x)
+        return F.cross_entropy(o, y) + F.mse_loss(o, z)
+
+    ref = reference.naive(model, both, x, y, z)
+    for k in ref:
+        torch.testing.assert_close(g[k], ref[k], **TOL)
+        torch.testing.assert_close(g[k].mean(0), dict(model.named_parameters())[k].grad, **TOL)
+
+
+def test_accumulation_before_the_context_is_kept_apart():
+    model = net()
+    x, y = data()
+    step(model, x[:3], y[:3])  # a micro-batch outside the context
+    prior = {k: p.grad.clone() for k, p in model.named_parameters()}
+    with per_sample_grads(model) as g:
+        step(model, x, y)
+    ref = reference.naive(model, lambda m, x, y: F.cross_entropy(m(x), y), x, y)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(g[k], ref[k], **TOL)
+        torch.testing.assert_close(p.grad, prior[k] + ref[k].mean(0), **TOL)
+
+
+# -- errors ----------------------------------------------------------------------
+
+
+def test_invalid_loss_reduction_is_a_value_error_at_the_call():
+    with pytest.raises(ValueError, match="'mean' or 'sum'"):
+        per_sample_grads(net(), loss_reduction="none")
+
+
+def test_non_module_is_a_type_error():
+    with pytest.raises(TypeError, match="nn.Module"):
+        per_sample_grads(lambda x: x)  # type: ignore[arg-type]
+
+
+def test_same_model_twice_is_refused_on_entry():
+    model = net()
+    with per_sample_grads(model):
+        with pytest.raises(RuntimeError, match="already inside"):
+            with per_sample_grads(model):
+                pass
+        with pytest.raises(RuntimeError, match="already inside"):
+            with per_sample_grads(model[0]):
+                pass
+
+
+def test_a_context_object_is_single_use():
+    model = net()
+    x, y = data()
+    ctx = per_sample_grads(model)
+    with ctx:
+        step(model, x, y)
+    with pytest.raises(RuntimeError, match="already entered"):
+        with ctx:
+            pass
+
+
+class BroadcastLinear(nn.Module):
+    """A Linear applied to a batch-1 tensor: not a per-sample computation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.shared = nn.Linear(4, 3)
+        self.register_buffer("const", torch.ones(1, 4))
+
+    def forward(self, x):
+        return self.fc(x) + self.shared(self.const)
+
+
+def test_batch_size_mismatch_names_modules_and_sizes():
+    model = BroadcastLinear().double()
+    x, y = data()
+    with pytest.raises(ValueError) as info:
+        with per_sample_grads(model) as g:
+            step(model, x, y)
+    msg = str(info.value)
+    assert "'shared' (Linear)" in msg and "saw 1" in msg and "batch size 6" in msg
+    with pytest.raises(RuntimeError, match="raised at exit"):
+        g.norms()
+
+
+def test_root_called_on_two_batch_sizes():
+    model = net()
+    x, y = data()
+    with pytest.raises(ValueError, match="different batch sizes"):
+        with per_sample_grads(model):
+            step(model, x, y)
+            step(model, x[:2], y[:2])
+
+
+@pytest.mark.parametrize("materialize", [True, False])
+@pytest.mark.parametrize(
+    "misuse",
+    ["functional", "penalty", "other-module-reads"],
+)
+def test_unseen_gradient_is_an_error_naming_the_parameter(misuse, materialize):
+    torch.manual_seed(0)
+
+    class Reads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.a(x)
+            if misuse == "other-module-reads":
+                h = h + x @ self.a.weight.T  # the parent reads a's weight
+            return self.b(h)
+
+    model = Reads().double()
+    x, y = data()
+    with pytest.raises(RuntimeError) as info:
+        with per_sample_grads(model, materialize=materialize):
+            loss = F.cross_entropy(model(x), y)
+            if misuse == "functional":
+                loss = loss + F.linear(x, model.a.weight).pow(2).mean()
+            if misuse == "penalty":
+                loss = loss + 1e-2 * model.a.weight.pow(2).sum()
+            loss.backward()
+    assert "'a.weight'" in str(info.value)
+    assert "'b.weight'" not in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("materialize", [True, False])
+def test_cancelling_bias_gradient_is_no_false_alarm(dtype, materialize):
+    """The batch gradient of the bias cancels to ~0; rounding must not be flagged."""
+    torch.manual_seed(0)
+    model = nn.Linear(30, 1).to(dtype)
+    x = torch.randn(64, 30, dtype=dtype)
+    x = torch.cat([x, x])  # every sample has a twin whose gradient is opposite
+
+    def loss_fn(m, x):
+        out = m(x).squeeze(1)
+        sign = torch.cat([torch.ones(64, dtype=dtype), -torch.ones(64, dtype=dtype)])
+        return (sign * 1e3 * out).mean()
+
+    with per_sample_grads(model, materialize=materialize) as g:
+        loss_fn(model, x).backward()
+    assert model.bias.grad.abs().max() < 1e-2  # cancelled
+    assert torch.all(g.param_norms()["bias"] > 1.0)
+
+
+def test_using_g_inside_the_block():
+    model = net()
+    x, y = data()
+    with per_sample_grads(model) as g:
+        step(model, x, y)
+        for use in (lambda: g.norms(), lambda: g["0.weight"], lambda: g.batch_size, lambda: len(g)):
+            with pytest.raises(RuntimeError, match="not exited yet"):
+                use()
+
+
+def test_using_g_after_exception_inside():
+    model = net()
+    x, y = data()
+    with pytest.raises(ZeroDivisionError):
+        with per_sample_grads(model) as g:
+            step(model, x, y)
+            1 / 0
+    with pytest.raises(RuntimeError, match="exited by an exception") as info:
+        g.norms()
+    assert "ZeroDivisionError" in str(info.value)
+
+
+def test_using_g_without_backward():
+    model = net()
+    x, _ = data()
+    with per_sample_grads(model) as g:
+        model(x)
+    with pytest.raises(RuntimeError, match="no backward pass ran"):
+        g.clip_(1.0)
+
+
+def test_zero_grad_inside_the_block_is_explained():
+    model = net()
+    x, y = data()
+    step(model, x, y)
+    with pytest.raises(RuntimeError, match="reset inside the context"):
+        with per_sample_grads(model):
+            model.zero_grad()
+            step(model, x, y)
+
+
+def test_autograd_grad_instead_of_backward_is_explained():
+    model = net()
+    x, y = data()
+    with pytest.raises(RuntimeError, match="added nothing to p.grad"):
+        with per_sample_grads(model):
+            torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+
+
+def test_public_surface():
+    assert issubclass(gradhooks.UnsupportedModuleError, TypeError)
+    assert issubclass(gradhooks.UnsupportedModuleError, gradhooks.GradhooksError)
+    for name in gradhooks.__all__:
+        assert hasattr(gradhooks, name)
+    ctx = per_sample_grads(net())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with ctx as g:
+            pass
+    assert isinstance(g, PerSampleGrads)
