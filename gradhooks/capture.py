@@ -43,7 +43,7 @@ class Call:
         batch_size: size of dimension 0 of the first tensor input.
     """
 
-    __slots__ = ("args", "kwargs", "grads", "out_meta", "batch_size")
+    __slots__ = ("args", "kwargs", "grads", "out_meta", "batch_size", "memo", "_input")
 
     def __init__(
         self,
@@ -51,26 +51,38 @@ class Call:
         kwargs: dict[str, Any],
         outputs: list[Any],
     ) -> None:
-        self.args = detach_tree(args)
-        self.kwargs = detach_tree(kwargs)
+        if not kwargs and len(args) == 1 and isinstance(args[0], Tensor):
+            # The common case (one tensor in), without pytree's overhead.
+            x: Tensor | None = args[0].detach()
+            self.args: tuple[Any, ...] = (x,)
+            self.kwargs: dict[str, Any] = {}
+        else:
+            self.args = detach_tree(args)
+            self.kwargs = detach_tree(kwargs)
+            x = first_tensor((self.args, self.kwargs))
+        self._input = x
         self.grads: list[Tensor | None] = [None] * len(outputs)
         self.out_meta = [
             (o.shape, o.dtype, o.device) if isinstance(o, Tensor) else None for o in outputs
         ]
-        x = first_tensor((self.args, self.kwargs))
         self.batch_size = int(x.shape[0]) if x is not None and x.dim() > 0 else None
+        #: Derived per-call quantities a rule computes once and reuses (e.g. row
+        #: norms shared by the exit check and ``norms()``). Small tensors only.
+        self.memo: dict[str, Any] = {}
 
     @property
     def input(self) -> Tensor:
         """The first tensor input, ``(N, ...)`` (e.g. ``X`` of a Linear)."""
-        x = first_tensor((self.args, self.kwargs))
-        if x is None:
+        if self._input is None:
             raise ValueError("this call has no tensor input")
-        return x
+        return self._input
 
     @property
     def grad(self) -> Tensor:
         """Gradient of the first tensor output, ``(N, ...)`` (``G``); zeros if none arrived."""
+        g = self.grads[0] if self.grads else None
+        if g is not None:
+            return g
         for i, meta in enumerate(self.out_meta):
             if meta is not None:
                 return self.grad_of(i)
@@ -101,7 +113,21 @@ class Call:
         """Drop the captured tensors (memory)."""
         self.args = ()
         self.kwargs = {}
+        self._input = None
         self.grads = [None] * len(self.grads)
+        self.memo = {}
+
+    def eps(self) -> float:
+        """Machine epsilon of the least precise floating tensor this call captured."""
+        got = self.memo.get("eps")
+        if got is None:
+            leaves = [self._input, *self.grads] if not self.kwargs and len(self.args) == 1 else pytree.tree_leaves((self.args, self.kwargs, self.grads))
+            got = max(
+                (torch.finfo(t.dtype).eps for t in leaves if isinstance(t, Tensor) and t.dtype.is_floating_point),
+                default=0.0,
+            )
+            self.memo["eps"] = got
+        return got
 
 
 def detach_tree(tree: Any) -> Any:
@@ -122,7 +148,7 @@ def output_tensors(output: Any) -> tuple[list[Any], Any]:
     return pytree.tree_flatten(output)
 
 
-def hook_target(out: Tensor, inputs: list[Tensor]) -> Tensor:
+def hook_target(out: Tensor, call: Call) -> Tensor:
     """The tensor whose hook sees the gradient of ``out`` as produced by the module.
 
     ``out`` itself, unless it is a same-layout reshaping view of a tensor created
@@ -140,7 +166,8 @@ def hook_target(out: Tensor, inputs: list[Tensor]) -> Tensor:
     ):
         return out
     ptr = base.untyped_storage().data_ptr()
-    if any(t.untyped_storage().data_ptr() == ptr for t in inputs):
+    inputs = pytree.tree_leaves((call.args, call.kwargs))
+    if any(isinstance(t, Tensor) and t.untyped_storage().data_ptr() == ptr for t in inputs):
         return out
     return base
 

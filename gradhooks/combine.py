@@ -16,12 +16,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.utils import _pytree as pytree
 
 from .capture import Call
 from .rule import Rule, accumulation_dtype, squared_norms_of
 
-__all__ = ["Site", "Covered", "per_sample", "squared_norms", "weighted_sums", "dots", "probes", "magnitudes", "rounding_eps"]
+__all__ = ["Site", "Covered", "per_sample", "squared_norms", "weighted_sums", "weighted_sums_into", "dots", "probes", "magnitudes", "rounding_eps"]
 
 
 @dataclass(eq=False)
@@ -35,14 +34,30 @@ class Site:
     names: list[str]
     calls: list[Call] = field(default_factory=list)
     fallback: bool = False
+    pruned: bool = False
+
+    @property
+    def refusable(self) -> bool:
+        """Whether the rule may refuse the module's configuration (checked per call)."""
+        return type(self.rule).refuse is not Rule.refuse
 
     @property
     def label(self) -> str:
         return f"'{self.name}' ({type(self.module).__name__})" if self.name else f"the model ({type(self.module).__name__})"
 
     def live_calls(self) -> list[Call]:
-        """The calls whose outputs received a gradient (the others contribute zeros)."""
+        """The calls whose outputs received a gradient (the others contribute zeros).
+
+        After the context's exit :meth:`prune` has dropped the others, so this is
+        ``calls`` itself."""
+        if self.pruned:
+            return self.calls
         return [c for c in self.calls if c.has_grad]
+
+    def prune(self) -> None:
+        """Keep only the calls that received a gradient (frees the others' inputs)."""
+        self.calls = [c for c in self.calls if c.has_grad]
+        self.pruned = True
 
 
 @dataclass(eq=False)
@@ -55,6 +70,7 @@ class Covered:
 
     def live_owners(self) -> list[tuple[Site, str]]:
         return [(s, local) for s, local in self.owners if s.live_calls()]
+
 
 
 def _by_site(
@@ -144,6 +160,13 @@ def weighted_sums(covered: Sequence[Covered], weights: Tensor) -> dict[str, Tens
     return out
 
 
+def weighted_sums_into(covered: Sequence[Covered], weights: Tensor, out: dict[str, Tensor]) -> None:
+    """Add ``sum_n weights[n] * raw_n`` into ``out[name]`` (float32+, ``p.shape``) in place."""
+    for site, pairs in _by_site(covered, Covered.live_owners).items():
+        locals_ = [local for local, _ in pairs]
+        site.rule.weighted_sum_into(site.module, site.live_calls(), locals_, weights, {local: out[cov.name] for local, cov in pairs})
+
+
 def dots(covered: Sequence[Covered], others: dict[str, Tensor], n: int) -> dict[str, Tensor]:
     """``{name: (N,)}``: ``<raw_n, others[name]>`` for the covered names present in ``others``."""
     wanted = [c for c in covered if c.name in others]
@@ -185,8 +208,6 @@ def rounding_eps(cov: Covered) -> float:
     (autocast makes ``G`` bf16/fp16 while ``p`` is float32)."""
     eps = torch.finfo(cov.param.dtype).eps if cov.param.dtype.is_floating_point else 0.0
     for site, _ in cov.live_owners():
-        for call in site.live_calls():
-            for t in pytree.tree_leaves((call.args, call.kwargs, call.grads)):
-                if isinstance(t, Tensor) and t.dtype.is_floating_point:
-                    eps = max(eps, torch.finfo(t.dtype).eps)
+        for call in site.calls:
+            eps = max(eps, call.eps())
     return eps

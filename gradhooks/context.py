@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 from types import TracebackType
-from typing import Any, Literal, cast
+from typing import Any, Literal, Protocol, cast
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +21,7 @@ from torch.utils.hooks import RemovableHandle
 from . import combine, selfcheck
 from .capture import Call, GradHook, first_tensor, hook_target, output_tensors
 from .combine import Covered, Site
+from .distributed import world_of
 from .errors import BatchSizeError, ContextStateError, UnseenGradientError, UnsupportedModuleError
 from .registry import rule_for
 from .result import PerSampleGrads
@@ -29,6 +30,12 @@ from .rule import accumulation_dtype
 __all__ = ["per_sample_grads", "PerSampleGradsContext", "LossReduction"]
 
 LossReduction = Literal["mean", "sum"]
+
+
+class GradScalerLike(Protocol):
+    """What ``grad_scaler`` needs: ``torch.amp.GradScaler``'s ``get_scale``."""
+
+    def get_scale(self) -> float: ...
 
 
 class FallbackWarning(UserWarning):
@@ -42,6 +49,7 @@ def per_sample_grads(
     materialize: bool = True,
     strict: bool = True,
     fallback: bool = False,
+    grad_scaler: GradScalerLike | None = None,
 ) -> PerSampleGradsContext:
     """Capture per-sample gradients of ``model`` for one batch.
 
@@ -60,6 +68,13 @@ def per_sample_grads(
         strict: raise :class:`UnsupportedModuleError` on entry for modules with
             trainable parameters and no rule; ``False`` skips them with a warning.
         fallback: handle modules without a rule through ``torch.func``.
+        grad_scaler: the ``torch.amp.GradScaler`` whose scaled loss is
+            backpropagated inside the context. Results (``g[name]``, norms,
+            ``dot``) are then of the unscaled gradients, clipping factors use
+            the unscaled norms, and ``clip_`` writes ``p.grad`` in the scaler's
+            (scaled) units so ``scaler.step(optimizer)`` works unchanged; a
+            non-finite norm then leaves ``p.grad`` as backward left it (the
+            scaler skips the step) instead of raising.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"per_sample_grads: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -71,7 +86,11 @@ def per_sample_grads(
     for flag, value in (("materialize", materialize), ("strict", strict), ("fallback", fallback)):
         if not isinstance(value, bool):
             raise TypeError(f"per_sample_grads: {flag} must be True or False, got {value!r}")
-    return PerSampleGradsContext(model, loss_reduction, materialize, strict, fallback)
+    if grad_scaler is not None and not callable(getattr(grad_scaler, "get_scale", None)):
+        raise TypeError(
+            f"per_sample_grads: grad_scaler must be a torch.amp.GradScaler (or have get_scale()), got {grad_scaler!r}"
+        )
+    return PerSampleGradsContext(model, loss_reduction, materialize, strict, fallback, grad_scaler)
 
 
 class _ForwardHook:
@@ -120,9 +139,18 @@ class PerSampleGradsContext:
     """What :func:`per_sample_grads` returns; ``__enter__`` gives the result object."""
 
     def __init__(
-        self, model: nn.Module, loss_reduction: str, materialize: bool, strict: bool, fallback: bool
+        self,
+        model: nn.Module,
+        loss_reduction: str,
+        materialize: bool,
+        strict: bool,
+        fallback: bool,
+        grad_scaler: GradScalerLike | None = None,
     ) -> None:
         self.model = model
+        self.grad_scaler = grad_scaler
+        self._world = world_of(model)
+        self._synced: list[bool] = []
         self.loss_reduction = loss_reduction
         self.materialize = materialize
         self.strict = strict
@@ -141,6 +169,15 @@ class PerSampleGradsContext:
     def _plan(self) -> None:
         """Choose the hooked modules (sites) and the covered parameters."""
         model = self.model
+        for name, m in model.named_modules():
+            if type(m).__name__ == "OptimizedModule" and type(m).__module__.startswith("torch._dynamo"):
+                raise UnsupportedModuleError(
+                    f"{_label(name, m)} is a torch.compile'd module: its compiled graph bypasses the "
+                    "hooks of the modules inside, so per-sample gradients cannot be captured through "
+                    "it. Use the eager module, which shares the parameters: "
+                    "per_sample_grads(compiled._orig_mod) and call compiled._orig_mod(x) inside the "
+                    "context; or compile submodules in place with module.compile(), which keeps hooks working."
+                )
         refused = []
         for name, m in model.named_modules():
             rule = rule_for(m)
@@ -245,32 +282,46 @@ class PerSampleGradsContext:
         x = first_tensor((args, kwargs))
         if x is not None and x.dim() > 0:
             self._root_batches.append(int(x.shape[0]))
+        if self._world is not None:
+            # DDP all-reduces during backward unless inside no_sync().
+            self._synced.append(bool(getattr(self.model, "require_backward_grad_sync", True)))
 
     def _on_forward(self, site: Site, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         if not self._active or not torch.is_grad_enabled():
             return None
-        leaves, spec = output_tensors(output)
-        if not any(isinstance(o, Tensor) and o.requires_grad for o in leaves):
-            return None
-        why = site.rule.refuse(site.module)
-        if why:
-            raise UnsupportedModuleError(f"{site.label}: {why}")
+        if isinstance(output, Tensor):  # the common case, without pytree's overhead
+            if not output.requires_grad:
+                return None
+            leaves: list[Any] = [output]
+            spec = None
+        else:
+            leaves, spec = output_tensors(output)
+            if not any(isinstance(o, Tensor) and o.requires_grad for o in leaves):
+                return None
+        if site.refusable:
+            why = site.rule.refuse(site.module)
+            if why:
+                raise UnsupportedModuleError(f"{site.label}: {why}")
         call = Call(args, kwargs, leaves)
         replaced = False
         n = self._root_batches[-1] if self._root_batches else None
         if site.rule.broadcast_batch and call.batch_size == 1 and n is not None and n > 1:
             # A batch-1 input shared by the batch (position ids): expand the output
             # so each sample's gradient arrives separately. Values are unchanged.
-            leaves = [o.expand(n, *o.shape[1:]) if isinstance(o, Tensor) and o.dim() > 0 and o.shape[0] == 1 else o for o in leaves]
+            leaves = [
+                o.expand(n, *o.shape[1:]) if isinstance(o, Tensor) and o.dim() > 0 and o.shape[0] == 1 else o
+                for o in leaves
+            ]
             call.out_meta = [(o.shape, o.dtype, o.device) if isinstance(o, Tensor) else None for o in leaves]
             replaced = True
-        inputs = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
         for i, o in enumerate(leaves):
             if isinstance(o, Tensor) and o.requires_grad:
-                target = o if replaced else hook_target(o, inputs)
+                target = o if replaced else hook_target(o, call)
                 self._handles.append(target.register_hook(GradHook(call, i, o.shape, self._is_active)))
         site.calls.append(call)
-        return torch.utils._pytree.tree_unflatten(leaves, spec) if replaced else None
+        if not replaced:
+            return None
+        return leaves[0] if spec is None else torch.utils._pytree.tree_unflatten(leaves, spec)
 
     # -- exit ----------------------------------------------------------------
 
@@ -342,8 +393,51 @@ class PerSampleGradsContext:
         return n
 
     def _finish(self, result: PerSampleGrads) -> None:
+        world = self._world
+        try:
+            state = self._local_finish(result)
+        except BaseException as err:
+            if world is not None:
+                world.any_(True)  # release the other ranks, which raise too
+            raise err
+        if world is not None and world.any_(False):
+            raise ContextStateError("per_sample_grads: another rank failed at exit (see its error)")
+        if state is None:
+            return
+        n, raw = state
         covered = self._covered
-        if covered and not any(s.live_calls() for s in self._sites):
+        if len(set(self._synced)) > 1:
+            raise ContextStateError(
+                "per_sample_grads: some forward passes of the DDP model ran inside no_sync() and some "
+                "outside; use one or the other for the whole context"
+            )
+        synced = world is not None and bool(self._synced) and self._synced[0]
+        summed = None
+        if raw is not None:
+            summed = {name: t.sum(0, dtype=accumulation_dtype(t.dtype)) for name, t in raw.items()}
+        selfcheck.verify(covered, self._before, summed, world=world if synced else None)
+        scale = float(n) if self.loss_reduction == "mean" else 1.0
+        grad_scale = 1.0
+        if self.grad_scaler is not None:
+            grad_scale = float(self.grad_scaler.get_scale())
+        if raw is not None:
+            factor = scale / grad_scale
+            if factor != 1.0:
+                for t in raw.values():
+                    t.mul_(factor)
+            for site in self._sites:
+                for call in site.calls:
+                    call.release()
+                site.calls.clear()
+        result._ready(n, self._before, raw, world=world, grad_scale=grad_scale)
+
+    def _local_finish(self, result: PerSampleGrads) -> tuple[int, dict[str, Tensor] | None] | None:
+        """Checks and work that involve no other rank: ``(N, raw per-sample or None)``,
+        or ``None`` when no backward reached the hooks."""
+        covered = self._covered
+        for site in self._sites:
+            site.prune()
+        if covered and not any(s.calls for s in self._sites):
             # Nothing reached the hooks. If p.grad changed anyway, that gradient came
             # from somewhere the hooks cannot see.
             changed = [
@@ -359,21 +453,7 @@ class PerSampleGradsContext:
                     "sees them (e.g. functionally, F.linear(x, layer.weight))"
                 )
             result._no_backward()
-            return
+            return None
         n = self._batch_size() if covered else (self._root_batches[0] if self._root_batches else 0)
-        if self.materialize:
-            raw = combine.per_sample(covered, n)
-            summed = {name: t.sum(0, dtype=accumulation_dtype(t.dtype)) for name, t in raw.items()}
-            selfcheck.verify(covered, self._before, summed)
-            scale = n if self.loss_reduction == "mean" else 1
-            if scale != 1:
-                for t in raw.values():
-                    t.mul_(scale)
-            result._ready(n, self._before, raw)
-            for site in self._sites:
-                for call in site.calls:
-                    call.release()
-                site.calls.clear()
-        else:
-            selfcheck.verify(covered, self._before)
-            result._ready(n, self._before, None)
+        raw = combine.per_sample(covered, n) if self.materialize else None
+        return n, raw

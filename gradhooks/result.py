@@ -16,6 +16,7 @@ from torch import Tensor
 
 from . import combine
 from .combine import Covered
+from .distributed import World
 from .errors import ContextStateError, NonFiniteNormError
 from .rule import accumulation_dtype, squared_norms_of
 
@@ -47,7 +48,8 @@ class PerSampleGrads(Mapping[str, Tensor]):
         self._grads: dict[str, Tensor] = {}
         self._before: dict[str, Tensor | None] = {}
         self._squared: dict[str, Tensor] | None = None
-        self._world = None  # distributed bookkeeping, set by the context for DDP models
+        self._world: World | None = None  # the DDP process group, for clip_
+        self._grad_scale = 1.0  # GradScaler's scale of the captured gradients
         params = [c.param for c in self._covered]
         self._norm_dtype = (
             torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
@@ -56,10 +58,19 @@ class PerSampleGrads(Mapping[str, Tensor]):
 
     # -- lifecycle (called by the context) --------------------------------
 
-    def _ready(self, n: int, before: dict[str, Tensor | None], grads: dict[str, Tensor] | None) -> None:
+    def _ready(
+        self,
+        n: int,
+        before: dict[str, Tensor | None],
+        grads: dict[str, Tensor] | None,
+        world: World | None = None,
+        grad_scale: float = 1.0,
+    ) -> None:
         self._n = n
         self._before = before
         self._grads = grads or {}
+        self._world = world
+        self._grad_scale = grad_scale
         self._state = "ready"
 
     def _fail(self, why: str) -> None:
@@ -172,8 +183,10 @@ class PerSampleGrads(Mapping[str, Tensor]):
         return torch.stack([t.to(terms[0].device) for t in terms]).sum(0)
 
     def _scale(self) -> float:
-        """Raw (gradient of the reduced loss) to per-sample: N for "mean", 1 for "sum"."""
-        return float(self._n) if self._loss_reduction == "mean" else 1.0
+        """Raw (gradient of the reduced, possibly GradScaler-scaled loss) to unscaled
+        per-sample: N for "mean", 1 for "sum", divided by the loss scale."""
+        n = float(self._n) if self._loss_reduction == "mean" else 1.0
+        return n / self._grad_scale
 
     def _squared_norms(self) -> dict[str, Tensor]:
         if self._squared is None:
@@ -208,6 +221,7 @@ class PerSampleGrads(Mapping[str, Tensor]):
         parameter ``p.grad = grad_before_context + reduce_n(c_n * g_n)``
         (``reduce``: mean for ``"mean"``, sum for ``"sum"``). Idempotent.
         Raises ``FloatingPointError`` (nothing changed) if a norm is not finite.
+        Under DDP this is a collective call (see :mod:`gradhooks.distributed`).
         Returns the factors, ``(N,)``.
         """
         self._require()
@@ -215,37 +229,91 @@ class PerSampleGrads(Mapping[str, Tensor]):
             raise ValueError(f"clip_: max_norm must be a positive number, got {max_norm!r}")
         norms = self.norms()
         bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
-        if bad:
+        world = self._world
+        total_n = float(self._n)
+        if world is not None:
+            info = torch.tensor([float(self._n), float(len(bad))], dtype=torch.float64)
+            world.sum_([info])
+            total_n, bad_anywhere = info.tolist()
+        else:
+            bad_anywhere = len(bad)
+        factors = (max_norm / (norms + CLIP_EPS)).clamp(max=1.0)
+        if bad_anywhere:
+            if self._grad_scale != 1.0:
+                return factors  # GradScaler overflow: p.grad keeps its inf/nan, the scaler skips
+            where = f"sample(s) {bad}" if bad else "samples of another rank"
             raise NonFiniteNormError(
-                f"clip_: the per-sample gradient norm is not finite for sample(s) {bad}; "
+                f"clip_: the per-sample gradient norm is not finite for {where}; "
                 "p.grad was left unchanged. Check those samples' inputs and the loss."
             )
-        factors = (max_norm / (norms + CLIP_EPS)).clamp(max=1.0)
-        sums = self._clipped_sums(factors)
-        self._write_grads(sums)
+        div = total_n if self._loss_reduction == "mean" else 1.0
+        if world is None:
+            self._write_clipped(factors, div)
+            return factors
+        totals = self._clipped_totals(factors)
+        out = {}
+        for cov in self._covered:
+            t = totals[cov.name] / div
+            prior = self._before.get(cov.name)
+            if prior is not None:
+                prior = (prior.to_dense() if prior.is_sparse else prior).to(device=t.device, dtype=t.dtype)
+                t = t + prior / world.size
+            out[cov.name] = t
+        world.sum_(list(out.values()))
+        self._write_grads(out)
         return factors
 
-    def _clipped_sums(self, factors: Tensor) -> dict[str, Tensor]:
-        """``{name: p.shape}``: ``reduce_n(c_n g_n)`` in float32+ (before any all-reduce)."""
+    def _write_clipped(self, factors: Tensor, div: float) -> None:
+        """``p.grad := before + sum_n c_n g_n / div``, accumulated straight into
+        ``p.grad``'s memory where its dtype allows (no temporaries of p's size)."""
+        buffers: dict[str, Tensor] = {}
+        with torch.no_grad():
+            for cov in self._covered:
+                p, acc = cov.param, accumulation_dtype(cov.param.dtype)
+                grad = p.grad
+                in_place = grad is not None and not grad.is_sparse and grad.dtype == acc and grad.shape == p.shape
+                buf = grad if in_place else torch.empty(p.shape, dtype=acc, device=p.device)
+                prior = self._before.get(cov.name)
+                if prior is None:
+                    buf.zero_()
+                else:
+                    buf.copy_(prior.to_dense() if prior.is_sparse else prior)
+                buffers[cov.name] = buf
+            if self._materialize:
+                for cov in self._covered:
+                    g, buf = self._grads[cov.name], buffers[cov.name]
+                    c = (factors * (self._grad_scale / div)).to(device=g.device, dtype=buf.dtype)
+                    if g.dtype == buf.dtype:
+                        buf.view(-1).addmv_(g.reshape(g.shape[0], -1).T, c)
+                    else:
+                        buf.add_(torch.tensordot(c, g.to(buf.dtype), dims=1))
+            else:
+                n = float(self._n) if self._loss_reduction == "mean" else 1.0
+                combine.weighted_sums_into(self._covered, factors * (n / div), buffers)
+        grads = {c.name: c.param.grad for c in self._covered}
+        self._write_grads({k: v for k, v in buffers.items() if v is not grads[k]})
+
+    def _clipped_totals(self, factors: Tensor) -> dict[str, Tensor]:
+        """``{name: p.shape}``: ``sum_n c_n g_n`` in ``p.grad``'s units (scaled by the
+        GradScaler's scale, if any), float32+."""
         if not self._materialize:
-            return combine.weighted_sums(self._covered, factors)
+            # raw_n * N ("mean") is the per-sample gradient in the loss's (scaled) units.
+            n = float(self._n) if self._loss_reduction == "mean" else 1.0
+            return combine.weighted_sums(self._covered, factors * n if n != 1.0 else factors)
         out = {}
-        div = self._n if self._loss_reduction == "mean" else 1
         for cov in self._covered:
             g = self._grads[cov.name]
             acc = accumulation_dtype(g.dtype)
             c = factors.to(device=g.device, dtype=acc)
-            out[cov.name] = torch.tensordot(c, g.to(acc), dims=1) / div
+            out[cov.name] = torch.tensordot(c, g.to(acc), dims=1) * self._grad_scale
         return out
 
-    def _write_grads(self, sums: dict[str, Tensor]) -> None:
+    def _write_grads(self, new_grads: dict[str, Tensor]) -> None:
         for cov in self._covered:
+            if cov.name not in new_grads:
+                continue
             p = cov.param
-            new = sums[cov.name]
-            prior = self._before.get(cov.name)
-            if prior is not None:
-                new = new + (prior.to_dense() if prior.is_sparse else prior).to(new.dtype)
-            new = new.to(p.dtype)
+            new = new_grads[cov.name].to(p.dtype)
             with torch.no_grad():
                 if p.grad is not None and p.grad.is_sparse:
                     p.grad = new.to_sparse(sparse_dim=1)

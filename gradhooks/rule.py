@@ -106,6 +106,22 @@ class Rule:
             out[name] = torch.tensordot(weights.to(device=t.device, dtype=acc), t.to(acc), dims=1)
         return out
 
+    def weighted_sum_into(
+        self,
+        module: nn.Module,
+        calls: Sequence[Call],
+        names: Sequence[str],
+        weights: Tensor,
+        out: dict[str, Tensor],
+    ) -> None:
+        """Add ``sum_n weights[n] * raw_n`` into ``out[name]`` in place (``out[name]``
+        has ``p.shape``, float32 or float64). ``clip_`` writes through it straight
+        into ``p.grad``, without temporaries. Default: :meth:`weighted_sum`, then add.
+        """
+        got = self.weighted_sum(module, calls, names, weights)
+        for name in names:
+            out[name].add_(got[name].to(out[name].dtype))
+
     def dots(
         self, module: nn.Module, calls: Sequence[Call], names: Sequence[str], others: dict[str, Tensor]
     ) -> dict[str, Tensor]:

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from . import combine
 from .combine import Covered
+from .distributed import World
 from .errors import UnseenGradientError
 from .rule import accumulation_dtype
 
@@ -44,77 +45,100 @@ def _dense(t: Tensor | None, like: torch.Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _directions(covered: Sequence[Covered]) -> dict[str, Tensor]:
-    """Unit random columns ``(prod(shape[1:]), PROBES)`` per parameter, from a
-    private generator (the user's RNG streams are left alone)."""
-    gen = torch.Generator().manual_seed(0x6A5)
-    out = {}
+    """Random directions ``(prod(shape[1:]), PROBES)`` with standard normal entries per
+    parameter: slices of one draw per (device, dtype) from a private generator (the
+    user's RNG streams are left alone). ``E ||D v||^2 = PROBES ||D||_F^2``."""
+    need: dict[tuple[torch.device, torch.dtype], int] = {}
+    cols_of = {}
     for cov in covered:
         p = cov.param
-        cols = p[0].numel() if p.dim() >= 1 and p.shape[0] > 0 else 1
-        v = torch.randn(cols, PROBES, generator=gen, dtype=torch.float64)
-        v = v / torch.linalg.vector_norm(v, dim=0, keepdim=True)
-        out[cov.name] = v.to(device=p.device, dtype=accumulation_dtype(p.dtype))
-    return out
+        cols = _rows(p, p).shape[1]
+        key = (p.device, accumulation_dtype(p.dtype))
+        need[key] = max(need.get(key, 0), cols)
+        cols_of[cov.name] = (key, cols)
+    gen = torch.Generator().manual_seed(0x6A5)
+    base = {key: torch.randn(rows, PROBES, generator=gen, dtype=key[1]).to(key[0]) for key, rows in need.items()}
+    return {name: base[key][:cols] for name, (key, cols) in cols_of.items()}
+
+
+def _norms(tensors: list[Tensor]) -> list[Tensor]:
+    """L2 norm of each tensor, in one call where PyTorch offers it."""
+    foreach = getattr(torch, "_foreach_norm", None)
+    if foreach is not None and tensors and len({(t.device, t.dtype) for t in tensors}) == 1:
+        return list(foreach(tensors))
+    return [torch.linalg.vector_norm(t) for t in tensors]
+
+
+def _column(scalars: list[Tensor]) -> Tensor:
+    """Stack 0-d tensors into one float64 CPU vector (one conversion when uniform)."""
+    if len({(t.dtype, t.device) for t in scalars}) == 1:
+        return torch.stack(scalars).to(device="cpu", dtype=torch.float64)
+    return torch.stack([t.to(device="cpu", dtype=torch.float64) for t in scalars])
 
 
 def verify(
     covered: Sequence[Covered],
     before: dict[str, Tensor | None],
     summed: dict[str, Tensor] | None = None,
+    world: World | None = None,
 ) -> None:
     """Raise :class:`UnseenGradientError` naming every parameter whose ``p.grad``
     grew by something other than the rules' account.
 
     ``summed``: the full raw sums when already at hand (materialized mode);
-    otherwise the rules' ``probe`` is used.
+    otherwise the rules' ``probe`` is used. ``world``: the DDP process group
+    when DDP all-reduced (averaged) the gradients during backward; the account
+    is then averaged over the ranks too (a collective call).
     """
     if not covered:
         return
-    vectors = _directions(covered) if summed is None else None
-    projected = combine.probes(covered, vectors) if vectors is not None else {}
+    use_probes = summed is None or world is not None
+    vectors = _directions(covered) if use_probes else {}
+    if summed is None:
+        mine_all = combine.probes(covered, vectors)
+    elif use_probes:
+        mine_all = {k: _rows(t, covered_param(covered, k)) @ vectors[k] for k, t in summed.items()}
+    else:
+        mine_all = dict(summed)
     scales = combine.magnitudes(covered)
-    stats = []
+    # Per parameter: the account ("mine"), p.grad before the context and after
+    # backward, all projected on the probe directions when probing.
+    mine_l, prior_l, after_l, scale_l = [], [], [], []
     for cov in covered:
         p = cov.param
         acc = accumulation_dtype(p.dtype)
-        after = _dense(p.grad, p, acc)
-        prior = _dense(before.get(cov.name), p, acc)
-        added = after - prior
-        rows = p.shape[0] if p.dim() >= 1 and p.shape[0] > 0 else 1
-        if vectors is not None:
-            v = vectors[cov.name]
-            mine = projected.get(cov.name)
-            if mine is None:
-                mine = torch.zeros(rows, PROBES, dtype=acc, device=p.device)
-            diff = added.reshape(rows, -1) @ v - mine
-            reset = after.reshape(rows, -1) @ v - mine
-            factor = (PROBES / v.shape[0]) ** 0.5
-        else:
-            mine = summed[cov.name].to(acc) if summed is not None and cov.name in summed else torch.zeros_like(after)
-            diff = added - mine
-            reset = after - mine
-            factor = 1.0
-        scale = scales.get(cov.name, torch.zeros((), dtype=torch.float64)).to(p.device)
-        eps = combine.rounding_eps(cov)
-        norm = torch.linalg.vector_norm
-        tol = SAFETY * eps * factor * (scale + norm(after).double() + norm(prior).double()) + 1e-30
-        stats.append(
-            torch.stack(
-                [
-                    norm(diff).double(),
-                    tol,
-                    norm(reset).double(),
-                    norm(added).double() * factor,
-                    norm(mine).double(),
-                    torch.isfinite(diff).all().double(),
-                ]
-            ).cpu()
-        )
-    rows_ = torch.stack(stats).tolist()
+        project = (lambda t, p=p, v=vectors.get(cov.name): _rows(t, p) @ v) if use_probes else (lambda t: t)
+        b = before.get(cov.name)
+        mine = mine_all.get(cov.name)
+        after = _dense(p.grad, p, acc) if p.grad is not None else None
+        shape = (_rows(p, p).shape[0], PROBES) if use_probes else tuple(p.shape)
+        zeros = torch.zeros(shape, dtype=acc, device=p.device)
+        mine_l.append(zeros if mine is None else mine.to(acc))
+        prior_l.append(zeros if b is None else project(_dense(b, p, acc)))
+        after_l.append(zeros if after is None else project(after))
+        scale = scales.get(cov.name)
+        scale_l.append(torch.zeros((), dtype=torch.float64, device=p.device) if scale is None else scale.to(p.device))
+    if world is not None:
+        # DDP averaged the gradients: average the account (and the grads before) too.
+        world.sum_(mine_l + prior_l + scale_l)
+        for t in mine_l + prior_l + scale_l:
+            t.div_(world.size)
+    diffs = [a - b - m for a, b, m in zip(after_l, prior_l, mine_l)]
+    columns = [_column(_norms(group)) for group in (diffs, after_l, prior_l)] + [_column(scale_l)]
+    stats = torch.stack(columns).T.tolist()
+    # Projected on standard normal directions, any tensor's norm grows by sqrt(PROBES)
+    # in expectation: rounding errors and discrepancies alike.
+    factor = PROBES**0.5 if use_probes else 1.0
     problems = []
-    for cov, (err, tol, reset_err, added_n, mine_n, finite) in zip(covered, rows_):
-        if not finite or err <= tol:
+    for i, (cov, (err, after_n, prior_n, scale)) in enumerate(zip(covered, stats)):
+        # ||after||_F and ||before||_F, estimated from their projections when probing
+        tol = SAFETY * combine.rounding_eps(cov) * (factor * scale + after_n + prior_n) + 1e-30
+        if err <= tol or err != err or err == float("inf"):
             continue
+        mine, after, prior = mine_l[i], after_l[i], prior_l[i]
+        reset_err = float(torch.linalg.vector_norm(after - mine))
+        added_n = float(torch.linalg.vector_norm(after - prior))
+        mine_n = float(torch.linalg.vector_norm(mine))
         owner = ", ".join(site.label for site, _ in cov.owners)
         where = f"parameter '{cov.name}' of {owner}"
         if before.get(cov.name) is not None and reset_err <= tol:
@@ -142,3 +166,16 @@ def verify(
             "(requires_grad=False). A fallback module must also be deterministic (no dropout "
             "in training mode)."
         )
+
+
+def covered_param(covered: Sequence[Covered], name: str) -> Tensor:
+    for cov in covered:
+        if cov.name == name:
+            return cov.param
+    raise KeyError(name)
+
+
+def _rows(t: Tensor, p: Tensor) -> Tensor:
+    """``t`` (shaped like ``p``) as ``(shape[0], -1)``; scalars and empty leading dims as one row."""
+    rows = p.shape[0] if p.dim() >= 1 and p.shape[0] > 0 else 1
+    return t.reshape(rows, -1)

@@ -399,3 +399,29 @@ def test_public_surface():
         with ctx as g:
             pass
     assert isinstance(g, PerSampleGrads)
+
+
+# -- torch.compile ---------------------------------------------------------------
+
+
+def test_compiled_wrapper_is_refused_with_the_remedy():
+    model = net()
+    compiled = torch.compile(model, backend="eager")
+    before = snapshot(model)
+    with pytest.raises(UnsupportedModuleError, match="_orig_mod"):
+        with per_sample_grads(compiled):
+            pass
+    assert_clean(model, before)
+
+
+def test_in_place_compiled_submodule_is_exact():
+    model = net()
+    x, y = data()
+    model[0].compile(backend="eager")
+    step(model, x, y)  # compiled before the hooks exist
+    model.zero_grad()
+    with per_sample_grads(model) as g:
+        step(model, x, y)
+    ref = reference.naive(model, lambda m, x, y: F.cross_entropy(m(x), y), x, y)
+    for k in ref:
+        torch.testing.assert_close(g[k], ref[k], **TOL)

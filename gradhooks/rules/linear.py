@@ -62,6 +62,17 @@ def _weight_squared_norms(x: Tensor, g: Tensor) -> Tensor:
     return torch.cat(out)
 
 
+def _row_sq(call: Call, which: str, t: Tensor) -> Tensor:
+    """``(N,)`` per-sample sum of squares of the call's ``x`` or ``g`` (memoized)."""
+    key = f"{which}_sq_{t.dtype}"
+    got = call.memo.get(key)
+    if got is None:
+        flat = t.reshape(t.shape[0], -1)
+        got = torch.einsum("nk,nk->n", flat, flat)
+        call.memo[key] = got
+    return got
+
+
 @register_rule(nn.Linear)
 class LinearRule(Rule):
     """Per-sample gradients of ``nn.Linear`` (and subclasses)."""
@@ -89,9 +100,17 @@ class LinearRule(Rule):
         return out
 
     def squared_norms(self, module: nn.Module, calls: Sequence[Call], names: Sequence[str]) -> dict[str, Tensor]:
+        acc = accumulation_dtype(module.get_parameter(names[0]).dtype)
         out: dict[str, Tensor] = {}
+        single = len(calls) == 1 and _xg(calls[0], acc)[0].shape[1] == 1
+        if single:  # one position: ||g||^2 ||x||^2 and ||g||^2, from memoized row norms
+            call = calls[0]
+            x, g = _xg(call, acc)
+            g_sq = _row_sq(call, "g", g)
+            for name in names:
+                out[name] = g_sq * _row_sq(call, "x", x) if name == "weight" else g_sq
+            return out
         for name in names:
-            acc = accumulation_dtype(module.get_parameter(name).dtype)
             if name == "weight":
                 out[name] = _weight_squared_norms(*_pooled(calls, acc))
             else:
@@ -102,26 +121,46 @@ class LinearRule(Rule):
     def weighted_sum(
         self, module: nn.Module, calls: Sequence[Call], names: Sequence[str], weights: Tensor
     ) -> dict[str, Tensor]:
+        acc = accumulation_dtype(module.get_parameter(names[0]).dtype)
         out: dict[str, Tensor] = {}
-        for name in names:
-            acc = accumulation_dtype(module.get_parameter(name).dtype)
-            total: Tensor | None = None
-            for call in calls:
-                x, g = _xg(call, acc)
-                w = weights.to(device=g.device, dtype=acc)[:, None, None]
-                if name == "weight":
-                    # Scale the narrower of X and G: (c G)^T X == G^T (c X).
-                    if g.shape[-1] <= x.shape[-1]:
-                        g = g * w
-                    else:
-                        x = x * w
-                    t = g.reshape(-1, g.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+        for call in calls:
+            x, g = _xg(call, acc)
+            w = weights.to(device=g.device, dtype=acc)
+            got: dict[str, Tensor] = {}
+            if "weight" in names:
+                # (c G)^T X == G^T (c X): scale the narrower one.
+                g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+                rows = w.repeat_interleave(x.shape[1]) if x.shape[1] > 1 else w
+                if g2.shape[1] <= x2.shape[1]:
+                    got["weight"] = (g2 * rows[:, None]).T @ x2
                 else:
-                    t = (g * w).sum((0, 1))
-                total = t if total is None else total.add_(t)
-            assert total is not None
-            out[name] = total
+                    got["weight"] = g2.T @ (x2 * rows[:, None])
+            if "bias" in names:
+                got["bias"] = w @ g.sum(1)
+            for name, t in got.items():
+                out[name] = t if name not in out else out[name].add_(t)
         return out
+
+    def weighted_sum_into(
+        self,
+        module: nn.Module,
+        calls: Sequence[Call],
+        names: Sequence[str],
+        weights: Tensor,
+        out: dict[str, Tensor],
+    ) -> None:
+        for call in calls:
+            x, g = _xg(call, out[names[0]].dtype)
+            w = weights.to(device=g.device, dtype=g.dtype)
+            if "weight" in names:
+                g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+                rows = w.repeat_interleave(x.shape[1]) if x.shape[1] > 1 else w
+                if g2.shape[1] <= x2.shape[1]:
+                    out["weight"].addmm_((g2 * rows[:, None]).T, x2)
+                else:
+                    out["weight"].addmm_(g2.T, x2 * rows[:, None])
+            if "bias" in names:
+                out["bias"].addmv_(g.sum(1).T, w)
 
     def dots(
         self, module: nn.Module, calls: Sequence[Call], names: Sequence[str], others: dict[str, Tensor]
@@ -143,34 +182,30 @@ class LinearRule(Rule):
     def probe(
         self, module: nn.Module, calls: Sequence[Call], names: Sequence[str], vectors: dict[str, Tensor]
     ) -> dict[str, Tensor]:
+        acc = accumulation_dtype(module.get_parameter(names[0]).dtype)
         out: dict[str, Tensor] = {}
-        for name in names:
-            acc = accumulation_dtype(module.get_parameter(name).dtype)
-            v = vectors[name].to(acc)
-            total: Tensor | None = None
-            for call in calls:
-                x, g = _xg(call, acc)
-                g2 = g.reshape(-1, g.shape[-1])
+        for call in calls:
+            x, g = _xg(call, acc)
+            g2 = g.reshape(-1, g.shape[-1])
+            for name in names:
+                v = vectors[name]
                 # weight: (sum_n G_n^T X_n) v = G^T (X v); bias: (sum G) v.
                 t = g2.T @ (x.reshape(-1, x.shape[-1]) @ v) if name == "weight" else g2.sum(0)[:, None] @ v
-                total = t if total is None else total.add_(t)
-            assert total is not None
-            out[name] = total
+                out[name] = t if name not in out else out[name].add_(t)
         return out
 
     def magnitudes(self, module: nn.Module, calls: Sequence[Call], names: Sequence[str]) -> dict[str, Tensor]:
+        acc = accumulation_dtype(module.get_parameter(names[0]).dtype)
         out: dict[str, Tensor] = {}
-        for name in names:
-            acc = accumulation_dtype(module.get_parameter(name).dtype)
-            terms = []
-            for call in calls:
-                x, g = _xg(call, acc)
-                gn = torch.linalg.vector_norm(g)
+        for call in calls:
+            x, g = _xg(call, acc)
+            gn = _row_sq(call, "g", g).sum().sqrt()
+            for name in names:
                 if name == "weight":
-                    terms.append(gn * torch.linalg.vector_norm(x))
+                    t = gn * _row_sq(call, "x", x).sum().sqrt()
                 else:
-                    terms.append(gn * (g.shape[0] * g.shape[1]) ** 0.5)
-            out[name] = torch.stack(terms).sum()
+                    t = gn * float(g.shape[0] * g.shape[1]) ** 0.5
+                out[name] = t if name not in out else out[name] + t
         return out
 
     def can_pool(self, module: nn.Module, other: nn.Module, name: str) -> bool:

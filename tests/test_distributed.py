@@ -1,0 +1,131 @@
+"""DistributedDataParallel: two real gloo processes on localhost; after clip_ every
+rank holds what one process computes with per-sample clipping on the
+concatenated batch. Started by the test, bounded in time."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+WORLD = 2
+TIMEOUT_S = 120
+TOL = {"rtol": 1e-9, "atol": 1e-12}
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 3)).double()
+
+
+def _data(total: int):
+    gen = torch.Generator().manual_seed(7)
+    return torch.randn(total, 4, dtype=torch.float64, generator=gen), torch.randint(0, 3, (total,), generator=gen)
+
+
+def _loss(reduction):
+    return lambda m, x, y: F.cross_entropy(m(x), y, reduction=reduction)
+
+
+def _expected(x, y, per_micro, reduction, max_norm):
+    """Single-process reference: per-sample clipping on each concatenated micro-batch,
+    summed over micro-batches; and the per-sample norms of the first one."""
+    from tests import reference
+
+    model = _model()
+    want, first_norms = None, None
+    for m in range(x.shape[0] // per_micro):
+        xs, ys = x[m * per_micro : (m + 1) * per_micro], y[m * per_micro : (m + 1) * per_micro]
+        ref = reference.naive(model, _loss(reduction), xs, ys)
+        clipped, _ = reference.clipped(ref, max_norm, reduction)
+        want = clipped if want is None else {k: want[k] + clipped[k] for k in want}
+        if first_norms is None:
+            first_norms = reference.norms(ref)
+    return want, first_norms
+
+
+def _worker(rank: int, init: str, sizes: list[int], out: mp.Queue) -> None:
+    try:
+        sys.path.insert(0, os.getcwd())
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        from gradhooks import per_sample_grads
+
+        lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+        checked = 0
+        for reduction in ("mean", "sum"):
+            for materialize in (True, False):
+                for sync in (False, True):
+                    for micro in (1, 2):
+                        ddp = DDP(_model())
+                        x, y = _data(sum(sizes) * micro)
+                        for m in range(micro):
+                            off = m * sum(sizes)
+                            xs, ys = x[off + lo : off + hi], y[off + lo : off + hi]
+                            ctx = ddp.no_sync() if not sync else torch.enable_grad()
+                            with ctx, per_sample_grads(ddp, loss_reduction=reduction, materialize=materialize) as g:
+                                _loss(reduction)(ddp, xs, ys).backward()
+                            assert g.batch_size == hi - lo
+                            assert list(g) == [k for k, _ in ddp.named_parameters()]
+                            if m == 0:
+                                _, ref_norms = _expected(x, y, sum(sizes), reduction, 0.5)
+                                torch.testing.assert_close(g.norms(), ref_norms[lo:hi], **TOL)
+                            g.clip_(0.5)
+                            g.clip_(0.5)  # idempotent, still collective
+                        want, _ = _expected(x, y, sum(sizes), reduction, 0.5)
+                        for k, p in ddp.module.named_parameters():
+                            torch.testing.assert_close(p.grad, want[k], **TOL)
+                        checked += 1
+        # one rank's non-finite sample: every rank raises, nothing changes
+        ddp = DDP(_model())
+        x, y = _data(sum(sizes))
+        xs = x[lo:hi].clone()
+        if rank == 1:
+            xs[0, 0] = float("nan")
+        with ddp.no_sync(), per_sample_grads(ddp) as g:
+            _loss("mean")(ddp, xs, y[lo:hi]).backward()
+        before = [p.grad.clone() for p in ddp.parameters()]
+        try:
+            g.clip_(1.0)
+            raise AssertionError("clip_ should have raised")
+        except FloatingPointError as err:
+            assert ("sample(s) [0]" in str(err)) == (rank == 1), str(err)
+        for b, p in zip(before, ddp.parameters()):
+            torch.testing.assert_close(p.grad, b, rtol=0, atol=0, equal_nan=True)
+        out.put((rank, "ok", checked))
+    except BaseException:
+        out.put((rank, "fail", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sizes", [[3, 3], [2, 5]], ids=["equal", "unequal"])
+def test_ddp_clip_matches_single_process(tmp_path, sizes):
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    init = f"file://{tmp_path / 'rendezvous'}"
+    procs = [ctx.Process(target=_worker, args=(r, init, sizes, out)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    results = []
+    try:
+        for _ in range(WORLD):
+            results.append(out.get(timeout=TIMEOUT_S))
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    failures = [r for r in results if r[1] != "ok"]
+    assert not failures, "\n".join(str(f[2]) for f in failures)
+    assert all(r[2] == 16 for r in results)
