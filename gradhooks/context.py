@@ -25,7 +25,6 @@ from .distributed import world_of
 from .errors import BatchSizeError, ContextStateError, UnseenGradientError, UnsupportedModuleError
 from .registry import rule_for
 from .result import PerSampleGrads
-from .rule import accumulation_dtype
 
 __all__ = ["per_sample_grads", "PerSampleGradsContext", "LossReduction"]
 
@@ -404,7 +403,7 @@ class PerSampleGradsContext:
             raise ContextStateError("per_sample_grads: another rank failed at exit (see its error)")
         if state is None:
             return
-        n, raw = state
+        n = state
         covered = self._covered
         if len(set(self._synced)) > 1:
             raise ContextStateError(
@@ -412,28 +411,27 @@ class PerSampleGradsContext:
                 "outside; use one or the other for the whole context"
             )
         synced = world is not None and bool(self._synced) and self._synced[0]
-        summed = None
-        if raw is not None:
-            summed = {name: t.sum(0, dtype=accumulation_dtype(t.dtype)) for name, t in raw.items()}
-        selfcheck.verify(covered, self._before, summed, world=world if synced else None)
-        scale = float(n) if self.loss_reduction == "mean" else 1.0
-        grad_scale = 1.0
-        if self.grad_scaler is not None:
-            grad_scale = float(self.grad_scaler.get_scale())
-        if raw is not None:
-            factor = scale / grad_scale
+        selfcheck.verify(covered, self._before, world=world if synced else None)
+        grad_scale = float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 1.0
+        grads = None
+        if self.materialize:
+            # Every rule is linear in G: scale the captured G (small) instead of
+            # the (N, *p.shape) results (large), then build them in one pass.
+            factor = (float(n) if self.loss_reduction == "mean" else 1.0) / grad_scale
             if factor != 1.0:
-                for t in raw.values():
-                    t.mul_(factor)
+                for site in self._sites:
+                    for call in site.calls:
+                        call.grads = [g * factor if g is not None else None for g in call.grads]
+            grads = combine.per_sample(covered, n)
             for site in self._sites:
                 for call in site.calls:
                     call.release()
                 site.calls.clear()
-        result._ready(n, self._before, raw, world=world, grad_scale=grad_scale)
+        result._ready(n, self._before, grads, world=world, grad_scale=grad_scale)
 
-    def _local_finish(self, result: PerSampleGrads) -> tuple[int, dict[str, Tensor] | None] | None:
-        """Checks and work that involve no other rank: ``(N, raw per-sample or None)``,
-        or ``None`` when no backward reached the hooks."""
+    def _local_finish(self, result: PerSampleGrads) -> int | None:
+        """Checks that involve no other rank: ``N``, or ``None`` when no backward
+        reached the hooks."""
         covered = self._covered
         for site in self._sites:
             site.prune()
@@ -454,6 +452,4 @@ class PerSampleGradsContext:
                 )
             result._no_backward()
             return None
-        n = self._batch_size() if covered else (self._root_batches[0] if self._root_batches else 0)
-        raw = combine.per_sample(covered, n) if self.materialize else None
-        return n, raw
+        return self._batch_size() if covered else (self._root_batches[0] if self._root_batches else 0)

@@ -34,23 +34,27 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def squared_norms_of(per_sample: Tensor, chunk_elems: int = 1 << 24) -> Tensor:
-    """``(N, *shape) -> (N,)``: per-sample sum of squares, float32-or-better accumulation.
+#: Rows are reduced in blocks of this many elements: float32 ``vector_norm`` over
+#: one very long row drifts (~1e-3 relative at 25M elements); over blocks, then
+#: over the block norms, it stays ~1e-7 and keeps its speed.
+NORM_BLOCK = 1024
 
-    float32/float64 go through one batched dot product (no temporary of the
-    input's size); lower precisions are upcast a block of samples at a time.
-    """
+
+def squared_norms_of(per_sample: Tensor) -> Tensor:
+    """``(N, *shape) -> (N,)``: per-sample sum of squares, float32-or-better accumulation."""
     n = per_sample.shape[0]
     flat = per_sample.reshape(n, -1)
     acc = accumulation_dtype(flat.dtype)
-    if flat.dtype == acc:
-        return torch.einsum("nk,nk->n", flat, flat)
-    rows = max(1, chunk_elems // max(1, flat.shape[1]))
-    parts = []
-    for start in range(0, n, rows):
-        block = flat[start : start + rows].to(acc)
-        parts.append(torch.einsum("nk,nk->n", block, block))
-    return torch.cat(parts) if parts else flat.new_zeros(0, dtype=acc)
+    cast = None if flat.dtype == acc else acc
+    k = flat.shape[1]
+    if k <= NORM_BLOCK:
+        return torch.linalg.vector_norm(flat, dim=1, dtype=cast).square()
+    main = k - k % NORM_BLOCK
+    blocks = torch.linalg.vector_norm(flat[:, :main].unflatten(1, (-1, NORM_BLOCK)), dim=2, dtype=cast)
+    total = blocks.square().sum(1)
+    if main < k:
+        total = total + torch.linalg.vector_norm(flat[:, main:], dim=1, dtype=cast).square()
+    return total
 
 
 class Rule:

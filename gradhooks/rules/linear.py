@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..capture import Call
 from ..registry import register_rule
-from ..rule import Rule, accumulation_dtype
+from ..rule import Rule, accumulation_dtype, squared_norms_of
 
 #: Temporaries are built a block of samples at a time, at most this many elements.
 CHUNK_ELEMS = 1 << 24
@@ -55,10 +55,10 @@ def _weight_squared_norms(x: Tensor, g: Tensor) -> Tensor:
     for s in range(0, n, rows):
         xb, gb = x[s : s + rows], g[s : s + rows]
         if use_gram:
-            out.append(torch.einsum("nts,nts->n", torch.bmm(xb, xb.transpose(1, 2)), torch.bmm(gb, gb.transpose(1, 2))))
+            gram = torch.bmm(xb, xb.transpose(1, 2)).mul_(torch.bmm(gb, gb.transpose(1, 2)))
+            out.append(gram.sum((1, 2)))
         else:
-            w = torch.bmm(gb.transpose(1, 2), xb)
-            out.append(torch.einsum("noi,noi->n", w, w))
+            out.append(squared_norms_of(torch.bmm(gb.transpose(1, 2), xb)))
     return torch.cat(out)
 
 
@@ -67,8 +67,7 @@ def _row_sq(call: Call, which: str, t: Tensor) -> Tensor:
     key = f"{which}_sq_{t.dtype}"
     got = call.memo.get(key)
     if got is None:
-        flat = t.reshape(t.shape[0], -1)
-        got = torch.einsum("nk,nk->n", flat, flat)
+        got = squared_norms_of(t)
         call.memo[key] = got
     return got
 
