@@ -88,18 +88,45 @@ def _add(into: dict[str, Tensor], key: str, value: Tensor) -> None:
     into[key] = value if key not in into else into[key] + value
 
 
-def per_sample(covered: Sequence[Covered], n: int) -> dict[str, Tensor]:
-    """``{name: (N, *p.shape)}`` raw per-sample gradients, in ``p.dtype``."""
+def per_sample(covered: Sequence[Covered], n: int, buffers: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """``{name: (N, *p.shape)}`` raw per-sample gradients, in ``p.dtype``.
+
+    ``buffers``: tensors to write into instead of allocating (reused storage of
+    an earlier result, warm in memory); written by ``per_sample_into`` where
+    the rule has one.
+    """
+    buffers = buffers or {}
     out: dict[str, Tensor] = {}
     for site, pairs in _by_site(covered, Covered.live_owners).items():
-        got = site.rule.per_sample(site.module, site.live_calls(), [local for local, _ in pairs])
-        for local, cov in pairs:
-            _add(out, cov.name, got[local].to(cov.param.dtype))
+        direct = [(local, cov) for local, cov in pairs if cov.name in buffers and _writes_into(site.rule)]
+        others = [(local, cov) for local, cov in pairs if (local, cov) not in direct]
+        if direct:
+            targets = {local: buffers[cov.name] for local, cov in direct}
+            accumulate = {local: cov.name in out for local, cov in direct}
+            site.rule.per_sample_into(site.module, site.live_calls(), list(targets), targets, accumulate)
+            for local, cov in direct:
+                out[cov.name] = buffers[cov.name]
+        if others:
+            got = site.rule.per_sample(site.module, site.live_calls(), [local for local, _ in others])
+            for local, cov in others:
+                t = got[local].to(cov.param.dtype)
+                if cov.name in out:
+                    out[cov.name].add_(t)
+                elif cov.name in buffers:
+                    out[cov.name] = buffers[cov.name].copy_(t)
+                else:
+                    out[cov.name] = t
     for cov in covered:
         if cov.name not in out:
             p = cov.param
-            out[cov.name] = torch.zeros((n, *p.shape), dtype=p.dtype, device=p.device)
+            out[cov.name] = (
+                buffers[cov.name].zero_() if cov.name in buffers else torch.zeros((n, *p.shape), dtype=p.dtype, device=p.device)
+            )
     return out
+
+
+def _writes_into(rule: Rule) -> bool:
+    return type(rule).per_sample_into is not Rule.per_sample_into
 
 
 def _poolable(owners: list[tuple[Site, str]]) -> bool:

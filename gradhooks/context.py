@@ -49,6 +49,7 @@ def per_sample_grads(
     strict: bool = True,
     fallback: bool = False,
     grad_scaler: GradScalerLike | None = None,
+    reuse: PerSampleGrads | None = None,
 ) -> PerSampleGradsContext:
     """Capture per-sample gradients of ``model`` for one batch.
 
@@ -74,6 +75,10 @@ def per_sample_grads(
             (scaled) units so ``scaler.step(optimizer)`` works unchanged; a
             non-finite norm then leaves ``p.grad`` as backward left it (the
             scaler skips the step) instead of raising.
+        reuse: an earlier materialized result whose tensors may be overwritten:
+            this batch's per-sample gradients are written into its storage
+            where shapes match (warm memory: no page faults of a fresh
+            multi-GB allocation), and the earlier result becomes unusable.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"per_sample_grads: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -89,7 +94,9 @@ def per_sample_grads(
         raise TypeError(
             f"per_sample_grads: grad_scaler must be a torch.amp.GradScaler (or have get_scale()), got {grad_scaler!r}"
         )
-    return PerSampleGradsContext(model, loss_reduction, materialize, strict, fallback, grad_scaler)
+    if reuse is not None and not isinstance(reuse, PerSampleGrads):
+        raise TypeError(f"per_sample_grads: reuse must be an earlier PerSampleGrads result, got {type(reuse).__name__}")
+    return PerSampleGradsContext(model, loss_reduction, materialize, strict, fallback, grad_scaler, reuse)
 
 
 class _ForwardHook:
@@ -145,8 +152,10 @@ class PerSampleGradsContext:
         strict: bool,
         fallback: bool,
         grad_scaler: GradScalerLike | None = None,
+        reuse: PerSampleGrads | None = None,
     ) -> None:
         self.model = model
+        self.reuse = reuse
         self.grad_scaler = grad_scaler
         self._world = world_of(model)
         self._synced: list[bool] = []
@@ -422,12 +431,29 @@ class PerSampleGradsContext:
                 for site in self._sites:
                     for call in site.calls:
                         call.grads = [g * factor if g is not None else None for g in call.grads]
-            grads = combine.per_sample(covered, n)
+            grads = combine.per_sample(covered, n, self._reusable(n))
             for site in self._sites:
                 for call in site.calls:
                     call.release()
                 site.calls.clear()
         result._ready(n, self._before, grads, world=world, grad_scale=grad_scale)
+
+    def _reusable(self, n: int) -> dict[str, Tensor]:
+        """Buffers taken from ``reuse`` for this result's tensors, by shape/dtype/device."""
+        old = self.reuse
+        if old is None or old._state != "ready" or not old._materialize:
+            return {}
+        pool: dict[tuple[Any, ...], list[Tensor]] = {}
+        for t in old._grads.values():
+            if t.is_contiguous():
+                pool.setdefault((tuple(t.shape), t.dtype, t.device), []).append(t)
+        old._fail("its tensors were reused by a later per_sample_grads context (reuse=...)")
+        taken = {}
+        for cov in self._covered:
+            key = ((n, *cov.param.shape), cov.param.dtype, cov.param.device)
+            if pool.get(key):
+                taken[cov.name] = pool[key].pop()
+        return taken
 
     def _local_finish(self, result: PerSampleGrads) -> int | None:
         """Checks that involve no other rank: ``N``, or ``None`` when no backward

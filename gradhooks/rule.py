@@ -82,6 +82,27 @@ class Rule:
         in the parameter's dtype."""
         raise NotImplementedError(f"{type(self).__name__} must implement per_sample()")
 
+    def per_sample_into(
+        self,
+        module: nn.Module,
+        calls: Sequence[Call],
+        names: Sequence[str],
+        out: dict[str, Tensor],
+        accumulate: dict[str, bool],
+    ) -> None:
+        """Write :meth:`per_sample` into ``out[name]`` (``(N, *p.shape)``, ``p.dtype``):
+        overwrite it, or add to it where ``accumulate[name]`` (a tied parameter's
+        second owner). Used when an earlier result's storage is reused
+        (``per_sample_grads(..., reuse=g)``): writing into warm memory skips the
+        page faults of a fresh allocation. Default: :meth:`per_sample`, then copy.
+        """
+        got = self.per_sample(module, calls, names)
+        for name in names:
+            if accumulate.get(name):
+                out[name].add_(got[name])
+            else:
+                out[name].copy_(got[name])
+
     def squared_norms(
         self, module: nn.Module, calls: Sequence[Call], names: Sequence[str]
     ) -> dict[str, Tensor]:

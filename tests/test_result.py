@@ -191,3 +191,39 @@ def test_dot_validates_names_and_shapes():
         g.dot({"nope": torch.zeros(1)})
     with pytest.raises(ValueError, match="shape"):
         g.dot({"0.weight": torch.zeros(3)})
+
+
+@pytest.mark.parametrize("shape", [(4,), (3, 4)], ids=["2d", "seq"])
+def test_reuse_writes_into_the_earlier_result(shape):
+    model = net()
+    torch.manual_seed(5)
+    batches = [(torch.randn(6, *shape, dtype=torch.float64), torch.randint(0, 3, (6,))) for _ in range(3)]
+
+    def loss(m, x, y):
+        out = m(x)
+        return F.cross_entropy(out if out.dim() == 2 else out.mean(1), y)
+
+    prev = None
+    for x, y in batches:
+        with per_sample_grads(model, reuse=prev) as g:
+            loss(model, x, y).backward()
+        model.zero_grad()
+        ref = reference.naive(model, loss, x, y)
+        for k in ref:
+            torch.testing.assert_close(g[k], ref[k], **TOL)
+        if prev is not None:
+            assert g["0.weight"].data_ptr() == old_ptr, "storage was reused"
+            with pytest.raises(RuntimeError, match="reused"):
+                prev["0.weight"]
+        old_ptr = g["0.weight"].data_ptr()
+        prev = g
+    # a smaller last batch cannot reuse: fresh tensors, still exact
+    x, y = batches[0][0][:2], batches[0][1][:2]
+    with per_sample_grads(model, reuse=prev) as g:
+        loss(model, x, y).backward()
+    torch.testing.assert_close(g["0.weight"], reference.naive(model, loss, x, y)["0.weight"], **TOL)
+
+
+def test_reuse_must_be_a_result():
+    with pytest.raises(TypeError, match="reuse"):
+        per_sample_grads(net(), reuse={})  # type: ignore[arg-type]

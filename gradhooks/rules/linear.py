@@ -98,6 +98,27 @@ class LinearRule(Rule):
             out[name] = acc
         return out
 
+    def per_sample_into(
+        self,
+        module: nn.Module,
+        calls: Sequence[Call],
+        names: Sequence[str],
+        out: dict[str, Tensor],
+        accumulate: dict[str, bool],
+    ) -> None:
+        for name in names:
+            buf, add = out[name], accumulate.get(name, False)
+            for call in calls:
+                x, g = _xg(call, buf.dtype)
+                if name == "weight":
+                    beta = 1.0 if add else 0.0  # beta=0 ignores buf's old values
+                    torch.baddbmm(buf, g.transpose(1, 2), x, beta=beta, out=buf)
+                elif add:
+                    buf.add_(g.sum(1))
+                else:
+                    torch.sum(g, 1, out=buf)
+                add = True
+
     def squared_norms(self, module: nn.Module, calls: Sequence[Call], names: Sequence[str]) -> dict[str, Tensor]:
         acc = accumulation_dtype(module.get_parameter(names[0]).dtype)
         out: dict[str, Tensor] = {}
