@@ -24,6 +24,7 @@ from .combine import Covered, Site
 from .distributed import world_of
 from .errors import BatchSizeError, ContextStateError, UnseenGradientError, UnsupportedModuleError
 from .registry import rule_for
+from .rule import Rule
 from .result import PerSampleGrads
 
 __all__ = ["per_sample_grads", "PerSampleGradsContext", "LossReduction"]
@@ -112,6 +113,25 @@ class _ForwardHook:
         return self.ctx._on_forward(self.site, args, kwargs, output)
 
 
+class _RefusalHook:
+    """Forward hook on a module that has a rule able to refuse it but no covered
+    parameter (a frozen BatchNorm): switched to a sample-coupling mode inside the
+    context, it would corrupt every other layer's per-sample gradients."""
+
+    __slots__ = ("ctx", "label", "rule")
+
+    def __init__(self, ctx: PerSampleGradsContext, label: str, rule: Rule) -> None:
+        self.ctx = ctx
+        self.label = label
+        self.rule = rule
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if self.ctx._active and torch.is_grad_enabled():
+            why = self.rule.refuse(module)
+            if why:
+                raise UnsupportedModuleError(f"{self.label}: {why}")
+
+
 class _RootPreHook:
     """Forward pre-hook on the model: records the batch size of its input."""
 
@@ -125,7 +145,7 @@ class _RootPreHook:
 
 
 def _ours(hook: object) -> bool:
-    return isinstance(hook, (_ForwardHook, _RootPreHook))
+    return isinstance(hook, (_ForwardHook, _RootPreHook, _RefusalHook))
 
 
 def _already_active(model: nn.Module) -> bool:
@@ -212,7 +232,7 @@ class PerSampleGradsContext:
                 from .rules.vmap import FallbackRule
 
                 names = [n for n, p in m.named_parameters() if p.requires_grad]
-                self._sites.append(Site(name, m, FallbackRule(), names, fallback=True))
+                self._sites.append(Site(name, m, FallbackRule(_label(name, m)), names, fallback=True))
                 claimed.append(name)
             else:
                 unsupported.append((name, m))
@@ -226,7 +246,13 @@ class PerSampleGradsContext:
                 "parameters are then left out), or add a rule with gradhooks.register_rule."
             )
 
-        skipped_ids = {id(p) for _, m in unsupported for p in m.parameters(recurse=False)}
+        # strict=False: each unsupported module is skipped with its whole subtree, whose
+        # parameters it may use functionally (MultiheadAttention uses its out_proj's).
+        skipped = [n for n, _ in unsupported]
+        self._sites = [
+            s for s in self._sites if not any(k == "" or s.name == k or s.name.startswith(k + ".") for k in skipped)
+        ]
+        skipped_ids = {id(p) for _, m in unsupported for p in m.parameters()}
         owners: dict[int, list[tuple[Site, str]]] = {}
         for site in self._sites:
             for local in site.names:
@@ -237,8 +263,8 @@ class PerSampleGradsContext:
         if unsupported:
             listed = ", ".join(_label(n, m) for n, m in unsupported)
             warnings.warn(
-                f"per_sample_grads(strict=False): skipping modules without a per-sample rule: {listed}; "
-                "their parameters are absent from the result and clip_() leaves their p.grad alone",
+                f"per_sample_grads(strict=False): skipping modules without a per-sample rule, with their "
+                f"submodules: {listed}; their parameters are absent from the result and clip_() leaves their p.grad alone",
                 UserWarning,
                 stacklevel=3,
             )
@@ -274,6 +300,11 @@ class PerSampleGradsContext:
             self._handles.append(self.model.register_forward_pre_hook(_RootPreHook(self), with_kwargs=True))
             for site in self._sites:
                 self._handles.append(site.module.register_forward_hook(_ForwardHook(self, site), with_kwargs=True))
+            hooked = {id(s.module) for s in self._sites}
+            for name, m in self.model.named_modules():
+                rule = rule_for(m)
+                if rule is not None and id(m) not in hooked and type(rule).refuse is not Rule.refuse:
+                    self._handles.append(m.register_forward_hook(_RefusalHook(self, _label(name, m), rule)))
         except BaseException:
             self._remove_hooks()
             raise
@@ -311,6 +342,7 @@ class PerSampleGradsContext:
             if why:
                 raise UnsupportedModuleError(f"{site.label}: {why}")
         call = Call(args, kwargs, leaves)
+        call.memo["training"] = site.module.training
         replaced = False
         n = self._root_batches[-1] if self._root_batches else None
         if site.rule.broadcast_batch and call.batch_size == 1 and n is not None and n > 1:

@@ -179,7 +179,8 @@ class Rule:
             p = module.get_parameter(name)
             ones = torch.ones(calls[0].grad.shape[0], device=p.device)
             s = self.weighted_sum(module, calls, [name], ones)[name]
-            out[name] = s.reshape(s.shape[0], -1) @ vectors[name].to(s.dtype)
+            rows = s.shape[0] if s.dim() >= 1 and s.shape[0] > 0 else 1
+            out[name] = s.reshape(rows, -1) @ vectors[name].to(s.dtype)
         return out
 
     def magnitudes(self, module: nn.Module, calls: Sequence[Call], names: Sequence[str]) -> dict[str, Tensor]:

@@ -56,7 +56,7 @@ def vmapped(model: nn.Module, loss: Loss, *batch: Tensor, shared: Sequence[Any] 
 
 def clipped(per_sample: dict[str, Tensor], max_norm: float, reduction: str) -> tuple[dict[str, Tensor], Tensor]:
     """Reference clipping: ``(reduce_n(c_n g_n) per name, c)``."""
-    flat = torch.cat([t.flatten(1) for t in per_sample.values()], 1)
+    flat = torch.cat([t.reshape(t.shape[0], -1) for t in per_sample.values()], 1)
     norms = flat.norm(dim=1)
     c = (max_norm / (norms + 1e-6)).clamp(max=1.0)
     out = {}
@@ -67,4 +67,4 @@ def clipped(per_sample: dict[str, Tensor], max_norm: float, reduction: str) -> t
 
 
 def norms(per_sample: dict[str, Tensor]) -> Tensor:
-    return torch.cat([t.flatten(1) for t in per_sample.values()], 1).norm(dim=1)
+    return torch.cat([t.reshape(t.shape[0], -1) for t in per_sample.values()], 1).norm(dim=1)
