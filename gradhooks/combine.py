@@ -104,7 +104,7 @@ def per_sample(covered: Sequence[Covered], n: int, buffers: dict[str, Tensor] | 
             targets = {local: buffers[cov.name] for local, cov in direct}
             accumulate = {local: cov.name in out for local, cov in direct}
             site.rule.per_sample_into(site.module, site.live_calls(), list(targets), targets, accumulate)
-            for local, cov in direct:
+            for _, cov in direct:
                 out[cov.name] = buffers[cov.name]
         if others:
             got = site.rule.per_sample(site.module, site.live_calls(), [local for local, _ in others])

@@ -24,8 +24,8 @@ from .combine import Covered, Site
 from .distributed import world_of
 from .errors import BatchSizeError, ContextStateError, UnseenGradientError, UnsupportedModuleError
 from .registry import rule_for
-from .rule import Rule
 from .result import PerSampleGrads
+from .rule import Rule
 
 __all__ = ["per_sample_grads", "PerSampleGradsContext", "LossReduction"]
 

@@ -107,7 +107,11 @@ def verify(
     for cov in covered:
         p = cov.param
         acc = accumulation_dtype(p.dtype)
-        project = (lambda t, p=p, v=vectors.get(cov.name): _rows(t, p) @ v) if use_probes else (lambda t: t)
+        v = vectors.get(cov.name)
+
+        def project(t: Tensor, p: Tensor = p, v: Tensor | None = v) -> Tensor:
+            return _rows(t, p) @ v if v is not None else t
+
         b = before.get(cov.name)
         mine = mine_all.get(cov.name)
         after = _dense(p.grad, p, acc) if p.grad is not None else None

@@ -92,7 +92,7 @@ def test_grad_scaler_results_are_unscaled(materialize):
             torch.testing.assert_close(g[k], ref[k], rtol=1e-5, atol=1e-7)
     c = g.clip_(0.5)
     torch.testing.assert_close(c, ref.clip_(0.5), rtol=1e-5, atol=0)
-    for (k, p), q in zip(model.named_parameters(), plain.parameters()):
+    for p, q in zip(model.parameters(), plain.parameters()):
         # p.grad is in the scaler's units, so scaler.step unscales it as usual
         torch.testing.assert_close(p.grad / scaler.get_scale(), q.grad, rtol=1e-5, atol=1e-8)
     scaler.step(opt)

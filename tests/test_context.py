@@ -355,7 +355,7 @@ def test_using_g_after_exception_inside():
     with pytest.raises(ZeroDivisionError):
         with per_sample_grads(model) as g:
             step(model, x, y)
-            1 / 0
+            _ = 1 / 0
     with pytest.raises(RuntimeError, match="exited by an exception") as info:
         g.norms()
     assert "ZeroDivisionError" in str(info.value)

@@ -203,7 +203,7 @@ def test_reuse_writes_into_the_earlier_result(shape):
         out = m(x)
         return F.cross_entropy(out if out.dim() == 2 else out.mean(1), y)
 
-    prev = None
+    prev, old_ptr = None, None
     for x, y in batches:
         with per_sample_grads(model, reuse=prev) as g:
             loss(model, x, y).backward()
