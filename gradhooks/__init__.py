@@ -10,6 +10,7 @@
     g.clip_(max_norm=1.0)  # p.grad := mean of the clipped per-sample grads
 """
 
+from . import diagnostics, privacy
 from . import rules as _rules  # noqa: F401  (registers the built-in rules)
 from .capture import Call
 from .context import FallbackWarning, per_sample_grads
@@ -28,7 +29,9 @@ __all__ = [
     "Rule",
     "UnsupportedModuleError",
     "__version__",
+    "diagnostics",
     "per_sample_grads",
+    "privacy",
     "register_rule",
     "rule_for",
     "unregister_rule",

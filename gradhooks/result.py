@@ -8,7 +8,7 @@ norms and clipped sums are computed exactly on demand.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -20,12 +20,19 @@ from .distributed import World
 from .errors import ContextStateError, NonFiniteNormError
 from .rule import accumulation_dtype, squared_norms_of
 
-__all__ = ["PerSampleGrads"]
+__all__ = ["PerSampleGrads", "gaussian_like"]
 
 _State = Literal["open", "ready", "failed", "no_backward"]
 
 #: Added to each norm before dividing, as in SPEC.md and torch.nn.utils.clip_grad_norm_.
 CLIP_EPS = 1e-6
+
+
+def gaussian_like(p: Tensor, std: float, generator: torch.Generator | None) -> Tensor:
+    """``N(0, std^2)`` of ``p.shape`` on ``p.device``, drawn in float32 (float64 for
+    float64 ``p``) from ``generator`` (PyTorch's global one when ``None``)."""
+    z = torch.randn(p.shape, generator=generator, device=p.device, dtype=accumulation_dtype(p.dtype))
+    return z.mul_(std)
 
 
 class PerSampleGrads(Mapping[str, Tensor]):
@@ -214,6 +221,50 @@ class PerSampleGrads(Mapping[str, Tensor]):
         dev = next(iter(devices))
         return torch.stack([t.to(dev) for t in sq.values()]).sum(0).sqrt()
 
+    def weighted_sum(self, weights: Tensor, *, names: Iterable[str] | None = None) -> dict[str, Tensor]:
+        """``{name: p.shape}``: ``sum_n weights[n] * g[name][n]`` (``weights``: ``(N,)``).
+
+        Exact in both modes (no per-sample tensor when ``materialize=False``);
+        float32, or float64 for float64 parameters; in unscaled units under a
+        GradScaler. ``names`` restricts it to some covered parameters.
+        E.g. ``weights = torch.full((N,), 1 / N)`` gives the batch's mean gradient.
+        """
+        self._require()
+        chosen = self._chosen(names, "weighted_sum")
+        if not isinstance(weights, Tensor) or tuple(weights.shape) != (self._n,):
+            got = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
+            raise ValueError(f"weighted_sum: weights must be a tensor of shape ({self._n},), got {got}")
+        if self._materialize:
+            out = {}
+            for name in chosen:
+                t = self._grads[name]
+                acc = accumulation_dtype(t.dtype)
+                out[name] = torch.tensordot(weights.to(device=t.device, dtype=acc), t.to(acc), dims=1)
+            return out
+        covered = [c for c in self._covered if c.name in chosen]
+        scale = self._scale()
+        return {k: v * scale for k, v in combine.weighted_sums(covered, weights).items()}
+
+    def _chosen(self, names: Iterable[str] | None, fn: str) -> list[str]:
+        if names is None:
+            return list(self._names)
+        chosen = [names] if isinstance(names, str) else list(names)
+        unknown = [k for k in chosen if k not in self._names]
+        if unknown:
+            raise KeyError(f"{fn}: not covered parameters: {unknown} (covered: {self._names})")
+        return chosen
+
+    @property
+    def world_batch_size(self) -> int:
+        """The batch size summed over all DDP ranks (one collective call under DDP;
+        ``batch_size`` otherwise)."""
+        self._require()
+        if self._world is None:
+            return self._n
+        t = torch.tensor([float(self._n)], dtype=torch.float64)
+        self._world.sum_([t])
+        return int(t.item())
+
     def clip_(self, max_norm: float) -> Tensor:
         """Clip each sample's whole gradient to ``max_norm`` and set ``p.grad``.
 
@@ -224,6 +275,20 @@ class PerSampleGrads(Mapping[str, Tensor]):
         Under DDP this is a collective call (see :mod:`gradhooks.distributed`).
         Returns the factors, ``(N,)``.
         """
+        return self._clip(max_norm)
+
+    def _clip(
+        self,
+        max_norm: float,
+        *,
+        divisor: float | None = None,
+        noise_std: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """``clip_`` with DP-SGD's options: ``p.grad = before + (sum_n c_n g_n + z) / D``,
+        ``z ~ N(0, noise_std^2 I)`` (per-sample units), ``D = divisor`` or the
+        reduction's own (global N for "mean", 1 for "sum"). Under DDP the noise
+        is drawn once, on rank 0, from its ``generator``, and summed with the rest."""
         self._require()
         if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or math.isnan(max_norm) or max_norm <= 0:
             raise ValueError(f"clip_: max_norm must be a positive number, got {max_norm!r}")
@@ -246,11 +311,27 @@ class PerSampleGrads(Mapping[str, Tensor]):
                 f"clip_: the per-sample gradient norm is not finite for {where}; "
                 "p.grad was left unchanged. Check those samples' inputs and the loss."
             )
-        div = total_n if self._loss_reduction == "mean" else 1.0
+        if divisor is not None:
+            div = float(divisor)
+        else:
+            div = total_n if self._loss_reduction == "mean" else 1.0
         if world is None:
             self._write_clipped(factors, div)
+            if noise_std > 0:
+                with torch.no_grad():
+                    for cov in self._covered:
+                        p = cov.param
+                        z = gaussian_like(p, noise_std * self._grad_scale / div, generator)
+                        if p.grad is None:
+                            p.grad = z.to(p.dtype)
+                        else:
+                            p.grad.add_(z.to(p.grad.dtype))
             return factors
         totals = self._clipped_totals(factors)
+        if noise_std > 0 and world.rank == 0:
+            for cov in self._covered:
+                t = totals[cov.name]
+                t.add_(gaussian_like(cov.param, noise_std * self._grad_scale, generator).to(t.device, t.dtype))
         out = {}
         for cov in self._covered:
             t = totals[cov.name] / div

@@ -14,6 +14,8 @@ tied weights exactly. The clipped sum is ``(c * G)^T X``: one matmul.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 
 import torch
@@ -30,8 +32,8 @@ CHUNK_ELEMS = 1 << 24
 def _xg(call: Call, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """The call's input and output gradient as ``(N, T, i)`` and ``(N, T, o)``."""
     x, g = call.input, call.grad
-    n = g.shape[0]
-    return x.reshape(n, -1, x.shape[-1]).to(dtype), g.reshape(n, -1, g.shape[-1]).to(dtype)
+    n, t = g.shape[0], math.prod(g.shape[1:-1])  # explicit T: reshape(0, -1, ...) is ambiguous
+    return x.reshape(n, t, x.shape[-1]).to(dtype), g.reshape(n, t, g.shape[-1]).to(dtype)
 
 
 def _pooled(calls: Sequence[Call], dtype: torch.dtype) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,58 @@
+"""The examples run in --quick mode (in-process: main(argv)) and print sane figures."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import re
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def load(name: str) -> ModuleType:
+    pytest.importorskip("sklearn", reason="the examples use scikit-learn's digits (the 'test' extra installs it)")
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dp_sgd_digits_quick(capsys):
+    result = load("dp_sgd_digits").main(["--quick"])
+    out = capsys.readouterr().out
+    rows = [tuple(map(float, m.groups())) for m in re.finditer(r"^\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.na]+)$", out, re.M)]
+    assert [r[0] for r in rows] == [1.0, 2.0, 3.0], out
+    _, plain, private, eps = rows[-1]
+    assert plain > 0.8 and private > 0.3, out  # chance is 0.1
+    assert (plain, private) == (round(result["plain_acc"], 3), round(result["dp_acc"], 3))
+    assert f"DP-SGD {private:.3f} at epsilon=" in out
+    if importlib.util.find_spec("opacus") is None:
+        assert math.isnan(eps) and "no privacy accounting" in out
+        return
+    from gradhooks.privacy import epsilon
+
+    epsilons = [r[3] for r in rows]
+    assert 0 < epsilons[0] < epsilons[1] < epsilons[2] < 10
+    steps = 3 * round(1437 / 256)  # PoissonBatchSampler: round(1 / q) steps per epoch
+    want = epsilon(noise_multiplier=3.0, sample_rate=256 / 1437, steps=steps, delta=1e-5)
+    assert eps == round(want, 2)
+
+
+def test_find_mislabeled_quick(capsys, tmp_path):
+    png = tmp_path / "norms.png"
+    result = load("find_mislabeled").main(["--quick", "--out", str(png)])
+    out = capsys.readouterr().out
+    assert "144 labels flipped" in out and "random pick: 0.100" in out
+    found = re.search(r"gradient norm, whole model\s+([\d.]+)", out)
+    assert found is not None, out
+    precision = float(found.group(1))
+    assert precision == round(result["precision_at_k"], 3) and precision > 0.3, out  # baseline 0.10
+    if importlib.util.find_spec("matplotlib") is None:
+        assert "no plot" in out
+    else:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
