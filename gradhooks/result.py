@@ -254,17 +254,6 @@ class PerSampleGrads(Mapping[str, Tensor]):
             raise KeyError(f"{fn}: not covered parameters: {unknown} (covered: {self._names})")
         return chosen
 
-    @property
-    def world_batch_size(self) -> int:
-        """The batch size summed over all DDP ranks (one collective call under DDP;
-        ``batch_size`` otherwise)."""
-        self._require()
-        if self._world is None:
-            return self._n
-        t = torch.tensor([float(self._n)], dtype=torch.float64)
-        self._world.sum_([t])
-        return int(t.item())
-
     def clip_(self, max_norm: float) -> Tensor:
         """Clip each sample's whole gradient to ``max_norm`` and set ``p.grad``.
 

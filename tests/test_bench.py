@@ -16,7 +16,7 @@ from gradhooks.bench.methods import METHODS, Outcome, prepare_naive, select_meth
 from gradhooks.bench.report import ROW_KEYS
 
 #: Methods that need nothing beyond torch and must pass everywhere.
-CORE = ("plain", "gradhooks", "gradhooks-ghost", "naive", "torch.func")
+CORE = ("plain", "gradhooks", "gradhooks-reuse", "gradhooks-ghost", "naive", "torch.func")
 
 #: Competitor limitations, not harness bugs: (method, config) -> the error they raise.
 KNOWN_UNSUPPORTED = {

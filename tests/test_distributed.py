@@ -101,6 +101,24 @@ def _worker(rank: int, init: str, sizes: list[int], out: mp.Queue) -> None:
             assert ("sample(s) [0]" in str(err)) == (rank == 1), str(err)
         for b, p in zip(before, ddp.parameters()):
             torch.testing.assert_close(p.grad, b, rtol=0, atol=0, equal_nan=True)
+        # DP-SGD: clipping + noise drawn once (rank 0's generator), global divisor
+        from gradhooks.privacy import privatize_
+
+        sigma, clip, expected = 0.7, 0.5, 4.5
+        for reduction in ("mean", "sum"):
+            for materialize in (True, False):
+                ddp = DDP(_model())
+                x, y = _data(sum(sizes))
+                with ddp.no_sync(), per_sample_grads(ddp, loss_reduction=reduction, materialize=materialize) as g:
+                    _loss(reduction)(ddp, x[lo:hi], y[lo:hi]).backward()
+                gen = torch.Generator().manual_seed(11 + rank)  # only rank 0's is used
+                privatize_(g, max_norm=clip, noise_multiplier=sigma, expected_batch_size=expected, generator=gen)
+                want, _ = _expected(x, y, sum(sizes), "sum", clip)
+                ref_gen = torch.Generator().manual_seed(11)
+                for k, p in ddp.module.named_parameters():
+                    z = torch.randn(p.shape, generator=ref_gen, dtype=torch.float64) * sigma * clip
+                    torch.testing.assert_close(p.grad, (want[k] + z) / expected, **TOL)
+                checked += 1
         out.put((rank, "ok", checked))
     except BaseException:
         out.put((rank, "fail", traceback.format_exc()))
@@ -128,4 +146,4 @@ def test_ddp_clip_matches_single_process(tmp_path, sizes):
                 p.kill()
     failures = [r for r in results if r[1] != "ok"]
     assert not failures, "\n".join(str(f[2]) for f in failures)
-    assert all(r[2] == 16 for r in results)
+    assert all(r[2] == 20 for r in results)

@@ -227,3 +227,23 @@ def test_reuse_writes_into_the_earlier_result(shape):
 def test_reuse_must_be_a_result():
     with pytest.raises(TypeError, match="reuse"):
         per_sample_grads(net(), reuse={})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("materialize", [True, False])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_weighted_sum_matches_naive(reduction, materialize):
+    model = net()
+    x, y = data()
+    ref = reference.naive(model, lambda m, a, b: loss_fn(m, a, b, reduction), x, y)
+    g = run(model, x, y, reduction, materialize)
+    w = torch.linspace(-1.0, 2.0, x.shape[0], dtype=torch.float64)
+    got = g.weighted_sum(w)
+    assert list(got) == list(g.params)
+    for k, t in got.items():
+        torch.testing.assert_close(t, torch.tensordot(w, ref[k], dims=1), **TOL)
+    only = g.weighted_sum(w, names=["2.bias"])
+    assert list(only) == ["2.bias"]
+    with pytest.raises(KeyError, match="not covered"):
+        g.weighted_sum(w, names=["nope"])
+    with pytest.raises(ValueError, match=r"shape \(6,\)"):
+        g.weighted_sum(w[:3])

@@ -67,6 +67,9 @@ def peak_of_step(config: str, method: str, device: str, cap: int, scale: str = "
         how = "VmHWM - VmRSS before the step" + ("" if reset else " (HWM not reset: includes warm-up)")
     del raw
     runner.clear()
+    if runner.held_bytes:
+        peak += runner.held_bytes
+        how += " + the result storage kept between steps"
     return {"peak_bytes": int(peak), "how": how}
 
 

@@ -190,6 +190,8 @@ def correctness(config: str, method: str, device: str = "cpu") -> tuple[float | 
                 quiet_incumbents()
                 ref = _reference(case)
                 runner = METHODS[method].prepare(case, case.n)
+                runner.step()  # twice: a second step must not see the first's state
+                runner.clear()
                 got = runner.outcome(runner.step())
             return _compare(got, ref), str(dtype).replace("torch.", "")
         except Exception as err:

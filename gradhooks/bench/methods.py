@@ -63,6 +63,8 @@ class Runner:
     scale: float = 1.0
     note: str = ""
     extra_clear: list[Callable[[], None]] = field(default_factory=list)
+    #: Bytes the method keeps between steps (``reuse=``'s storage), added to its peak.
+    held_bytes: int = 0
 
     def clear(self) -> None:
         """Untimed, between steps: ``p.grad = None`` (as ``zero_grad()``) and method state."""
@@ -119,6 +121,23 @@ def prepare_gradhooks(case: Case, cap: int) -> Runner:
         return g
 
     return Runner(step, lambda g: Outcome(per_sample=dict(g)), model)
+
+
+def prepare_gradhooks_reuse(case: Case, cap: int) -> Runner:
+    """A training loop's steady state: each step passes the previous result as
+    ``reuse=``, so the per-sample tensors are written into warm storage."""
+    from gradhooks import per_sample_grads
+
+    model = copy.deepcopy(case.model)
+    held: dict[str, Any] = {"prev": None}
+
+    def step() -> Any:
+        with per_sample_grads(model, reuse=held["prev"]) as g:
+            case.loss(model(case.x), case.y).backward()
+        held["prev"] = g
+        return g
+
+    return Runner(step, lambda g: Outcome(per_sample=dict(g)), model, held_bytes=case.result_bytes())
 
 
 def prepare_gradhooks_ghost(case: Case, cap: int) -> Runner:
@@ -286,6 +305,7 @@ METHODS: dict[str, Method] = {
     for m in [
         Method("plain", "batched forward + backward (the 1.0 baseline)", prepare_plain),
         Method("gradhooks", "per_sample_grads(materialize=True): all per-sample grads, exit included", prepare_gradhooks),
+        Method("gradhooks-reuse", "as gradhooks, with reuse= the previous step's result (training loop)", prepare_gradhooks_reuse),
         Method("gradhooks-ghost", "materialize=False, then g.norms() and g.clip_(1.0)", prepare_gradhooks_ghost),
         Method("naive", "autograd.grad per sample (capped, extrapolated)", prepare_naive),
         Method("torch.func", "vmap(grad(...)) with functional_call", prepare_torch_func),
