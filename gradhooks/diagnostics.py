@@ -23,9 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from . import combine
 from .result import PerSampleGrads
-from .rule import accumulation_dtype
 
 __all__ = [
     "NoiseScale",

@@ -1,13 +1,23 @@
 """``nn.Conv1d/2d/3d``: ``C = conv(X, W) + b`` with ``X: (N, C, *S)``, ``C: (N, O, *L)``.
 
 Sample n's weight gradient is ``sum_t g_nt u_nt^T`` per group, ``u_nt`` the
-input patch (``C/groups * K`` values) that output position ``t`` saw. It is
-computed without unfolding: the conv weight-gradient with the batch folded
-into the groups (``N * groups`` groups, ``(1, N*C, *S)`` against
-``(1, N*O, *L)``) returns ``(N*O, C/groups, *K)``, i.e. ``(N, *W.shape)``.
-Measured on CPU it runs within 2x of im2col + matmul either way (2x faster
-for depthwise) and, unlike it, needs no ``K``-times-larger patch tensor. The
-bias gradient is ``sum_t g_nt``.
+input patch (``C/groups * K`` values) that output position ``t`` saw. Two exact
+forms, chosen per call by the measured rule :func:`use_unfold`:
+
+* the conv weight-gradient with the batch folded into the groups
+  (``N * groups`` groups, ``(1, N*C, *S)`` against ``(1, N*O, *L)``) returns
+  ``(N*O, C/groups, *K)``, i.e. ``(N, *W.shape)``; no patch tensor;
+* patches ``U: (N, groups, C/groups * K, T)`` (blocks of :data:`PATCH_ELEMS`)
+  and one batched matmul with ``G``.
+
+Both do the same ``T i o`` multiply-adds per sample and group; how fast CPU
+(oneDNN) runs the folded grouped conv varies by 10x with the shape. Measured
+(2 threads, float32, min of 7, N = 128 / 32 for 3d; ms grouped -> patches):
+``3->32 k3`` on 32x32 (``T = 900``) 16.4 -> 2.9, ``1->8 k3`` on 28x28 5.9 -> 0.6,
+``64->128 k3 s2`` on 16x16 (``T = 49``) 40.5 -> 17.7, ``128->256 k3 s2`` on
+8x8 (``T = 9``) 147 -> 48; but ``16->32 k3`` on 32x32 7.7 -> 10.9, ``32->64 k3 s2`` on 30x30
+(``T = 196``) 8.3 -> 9.6, depthwise ``32 k3`` on 16x16 1.1 -> 2.6. The bias
+gradient is ``sum_t g_nt``.
 
 Padding: ``"zeros"`` with equal sides goes to the conv as ``padding``; every
 other case (``"same"`` with an even kernel, ``reflect``/``replicate``/
@@ -33,19 +43,39 @@ from torch import Tensor, nn
 
 from ..capture import Call
 from ..registry import register_rule
-from ..rule import Rule, accumulation_dtype, squared_norms_of
+from ..rule import Rule, accumulation_dtype, long_sum_slack, squared_norms_of
 
-__all__ = ["ConvRule", "CHUNK_ELEMS", "GRAM_COST"]
+__all__ = ["ConvRule", "CHUNK_ELEMS", "GRAM_COST", "PATCH_ELEMS", "UNFOLD_CHANNELS", "UNFOLD_POSITIONS"]
 
 #: Temporaries are built a block of samples at a time, at most this many elements.
 CHUNK_ELEMS = 1 << 24
 
-#: Cost of one Gram multiply-add relative to one of the materializing weight-gradient
-#: conv: the Gram form is used when ``GRAM_COST * T^2 (i + o) < T i o`` (per sample
-#: and group). Measured on CPU (float32, 2 threads, 71 shapes: 1d/2d/3d, 1-256
-#: channels, depthwise, T = 4-1024): any value in 0.6-1.2 loses 1.0-1.4% of the time
-#: against always picking the faster form, no pick worse than 1.63x (sub-ms cases).
-GRAM_COST = 1.0
+#: Cost of one Gram multiply-add relative to one of the materialized per-sample
+#: weight gradient: the Gram form is used when ``GRAM_COST * T^2 (i + o) < T i o``
+#: (per sample and group). Measured on CPU (float32, 2 threads, N = 128 / 32 for 3d,
+#: 86 shapes around the crossover: 1d/2d/3d, 3-256 channels, groups 1-64, T = 4-256,
+#: twice) against the materialized form of :func:`use_unfold`: 0.6-0.7 lose 0.1% of
+#: the time against always picking the faster form, no pick worse than 1.42x (a 1 ms
+#: case); 1.0 (the value measured against the grouped conv alone) loses 16%, up to
+#: 1.5x on 128-256 channels (e.g. ``128->128 k3`` on 12x12: 63 ms Gram, 94 ms
+#: materialized), 0.4 loses 7%.
+GRAM_COST = 0.6
+
+#: Patches for the unfolded per-sample weight gradient are built a block of samples
+#: at a time, at most this many elements (measured: 2^19-2^23 within 15% of each
+#: other, 2^25 up to 1.6x slower).
+PATCH_ELEMS = 1 << 21
+
+#: The per-sample weight gradient of a call is built from patches and a batched
+#: matmul (not the folded grouped conv) when a group has at least 2 outputs and
+#: fewer than ``UNFOLD_CHANNELS`` inputs or the call fewer than ``UNFOLD_POSITIONS``
+#: output positions. Measured on CPU (float32, 2 threads, 57 shapes: 1d/2d/3d,
+#: 1-256 channels, groups 1-128 incl. depthwise, T = 4-2744): 6% more time in all
+#: than always picking the faster form (grouped conv always: 133% more, patches
+#: always: 8% more but 4x slower for depthwise), no pick worse than 1.6x (a
+#: 0.3 ms case); thresholds of 100-150 positions do the same within 0.1%.
+UNFOLD_CHANNELS = 8
+UNFOLD_POSITIONS = 128
 
 
 def _spatial(module: nn.Module) -> int:
@@ -114,7 +144,8 @@ def _patches(module: nn.Module, xp: Tensor) -> Tensor:
     """Explicitly padded ``X`` ``(N, C, *S)`` -> patches ``(N, groups, C/groups * K, T)``.
 
     Built from strided views and one copy, positions innermost (measured 3-10x
-    faster than ``F.unfold`` and than a positions-major layout)."""
+    faster than ``F.unfold`` and than a positions-major layout). Always contiguous:
+    a strided view (one input channel in 1d) makes CPU matmuls up to 50x slower."""
     d = _spatial(module)
     u = xp
     for k, (size, step, dil) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
@@ -123,7 +154,43 @@ def _patches(module: nn.Module, xp: Tensor) -> Tensor:
     n, c = u.shape[:2]
     positions = u.shape[2 : 2 + d].numel()
     u = u.permute(0, 1, *range(2 + d, 2 + 2 * d), *range(2, 2 + d))  # (N, C, *K, *L)
-    return u.reshape(n, module.groups, -1, positions)
+    return u.contiguous().view(n, module.groups, -1, positions)
+
+
+def use_unfold(module: nn.Module, positions: int) -> bool:
+    """Whether patches + batched matmul beat the folded grouped conv for the per-sample
+    weight gradient of a call with ``positions`` output positions (measured rule)."""
+    inputs = module.in_channels // module.groups
+    outputs = module.out_channels // module.groups
+    return outputs >= 2 and (inputs < UNFOLD_CHANNELS or positions < UNFOLD_POSITIONS)
+
+
+def _unfolded_weight_grad(module: nn.Module, xp: Tensor, g: Tensor) -> Tensor:
+    """Explicitly padded ``X`` ``(N, C, *S)``, ``G`` ``(N, O, *L)`` -> per-sample weight
+    grads ``(N, *W.shape)``: ``G U^T`` per sample and group, patches built a block of
+    samples at a time."""
+    n, groups = g.shape[0], module.groups
+    o, i, t = g.shape[1] // groups, module.weight[0].numel(), g.shape[2:].numel()
+    out = g.new_empty(n, *module.weight.shape)
+    view = out.view(n, groups, o, i)
+    rows = max(1, PATCH_ELEMS // (groups * i * t))
+    for s in range(0, n, rows):
+        u = _patches(module, xp[s : s + rows])  # (b, groups, i, T)
+        gb = g[s : s + rows].reshape(-1, groups, o, t)
+        if i < o:
+            # (U G^T)^T: measured 1.2-1.5x faster for few inputs (CPU matmul), one small copy.
+            view[s : s + rows] = torch.matmul(u, gb.transpose(2, 3)).transpose(2, 3)
+        else:
+            torch.matmul(gb, u.transpose(2, 3), out=view[s : s + rows])
+    return out
+
+
+def _per_sample_weight_grad(module: nn.Module, x: Tensor, g: Tensor, padding: list[int]) -> Tensor:
+    """``(N, *W.shape)`` from :func:`_conv_input`'s ``(X, G, padding)``, by the form
+    :func:`use_unfold` picks for this call."""
+    if use_unfold(module, g.shape[2:].numel()):
+        return _unfolded_weight_grad(module, _padded(module, x) if any(padding) else x, g)
+    return _weight_grad(module, x, g, padding, per_sample=True)
 
 
 def _gram_squared_norms(module: nn.Module, xs: list[Tensor], gs: list[Tensor]) -> Tensor:
@@ -155,7 +222,7 @@ def _materialized_squared_norms(module: nn.Module, calls: Sequence[tuple[Tensor,
     for s in range(0, n, rows):
         acc: Tensor | None = None
         for x, g, pad in calls:
-            t = _weight_grad(module, x[s : s + rows], g[s : s + rows], pad, per_sample=True)
+            t = _per_sample_weight_grad(module, x[s : s + rows], g[s : s + rows], pad)
             acc = t if acc is None else acc.add_(t)
         assert acc is not None
         out.append(squared_norms_of(acc))
@@ -206,7 +273,7 @@ class ConvRule(Rule):
             acc: Tensor | None = None
             for call in calls:
                 x, g, pad = _conv_input(module, call, dtype)
-                t = _weight_grad(module, x, g, pad, per_sample=True) if name == "weight" else _bias_sum(g)
+                t = _per_sample_weight_grad(module, x, g, pad) if name == "weight" else _bias_sum(g)
                 acc = t if acc is None else acc.add_(t)
             assert acc is not None  # calls is never empty
             out[name] = acc
@@ -303,7 +370,10 @@ class ConvRule(Rule):
                     # ||sum of g_t u_t^T terms|| <= ||G|| ||U||, ||U|| <= sqrt(K) ||X padded||.
                     t = gn * torch.linalg.vector_norm(x) * kernel**0.5
                 else:
-                    t = gn * float(g[0, 0].numel() * g.shape[0]) ** 0.5
+                    # ||sum_t g_t|| <= sqrt(m) ||G|| over m = N * positions terms, which the
+                    # CPU backward sums sequentially (see long_sum_slack).
+                    m = float(g[0, 0].numel() * g.shape[0])
+                    t = gn * m**0.5 * long_sum_slack(m)
                 out[name] = t if name not in out else out[name] + t
         return out
 

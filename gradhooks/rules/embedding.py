@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from ..capture import Call
 from ..registry import register_rule
-from ..rule import Rule, accumulation_dtype
+from ..rule import Rule, accumulation_dtype, long_sum_slack
 
 #: Temporaries are built a block of samples at a time, at most this many elements.
 CHUNK_ELEMS = 1 << 24
@@ -253,6 +253,7 @@ class EmbeddingRule(Rule):
             sq = _zero_padding(torch.linalg.vector_norm(rows, dim=1).square(), keep)
             count = rows.shape[0] if keep is None else keep.sum()
             t = sq.sum().sqrt() * torch.as_tensor(count, dtype=acc, device=sq.device).sqrt()
+            t = t * long_sum_slack(idx.numel())  # index_add sums a row's terms sequentially
             total = t if total is None else total + t
         assert total is not None  # calls is never empty
         return {"weight": total}

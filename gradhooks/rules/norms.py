@@ -32,7 +32,7 @@ from torch.nn.modules.instancenorm import _InstanceNorm
 
 from ..capture import Call
 from ..registry import register_rule
-from ..rule import Rule, accumulation_dtype, squared_norms_of
+from ..rule import Rule, accumulation_dtype, long_sum_slack, squared_norms_of
 
 #: Temporaries are built a block of samples at a time, at most this many elements.
 CHUNK_ELEMS = 1 << 24
@@ -159,12 +159,13 @@ class _AffineNormRule(Rule):
                     x_sq = t if x_sq is None else x_sq.add_(t)
             for name in names:
                 shape = module.get_parameter(name).shape
+                rows = call.grad.numel() // math.prod(shape)  # samples x positions per element
                 if name == "weight":
                     assert x_sq is not None
                     bound = (g_sq[name] * x_sq).sum().sqrt()
                 else:
-                    rows = call.grad.numel() // math.prod(shape)  # samples x positions per element
                     bound = (g_sq[name].sum() * rows).sqrt()
+                bound = bound * long_sum_slack(rows)  # the backward's sequential sums
                 out[name] = bound if name not in out else out[name] + bound
         return out
 

@@ -208,6 +208,47 @@ def test_cost_model_picks_gram_only_for_few_positions():
     assert not conv_rule.use_gram(conv, [32 * 32])
 
 
+# CASES plus the product's other orientation (fewer inputs than outputs per group).
+FORM_CASES = CASES + [
+    ("1d-one-input", lambda: c1(1, 4, 2, padding=1), (1, 7)),
+    ("2d-groups-few-inputs", lambda: c2(2, 8, (1, 2), stride=(1, 2), groups=2), (2, 3, 5)),
+]
+
+
+@pytest.mark.parametrize("unfold", [True, False], ids=["patches", "grouped-conv"])
+@pytest.mark.parametrize("case", FORM_CASES, ids=[c[0] for c in FORM_CASES])
+def test_each_per_sample_form_end_to_end(case, unfold, monkeypatch):
+    """Patches + batched matmul and the folded grouped conv both give the exact
+    per-sample weight gradient, materialized and inside the materialized norm form.
+    One-sample patch blocks exercise the blocking."""
+    monkeypatch.setattr(conv_rule, "use_unfold", lambda module, positions: unfold)
+    monkeypatch.setattr(conv_rule, "PATCH_ELEMS", 1)
+    monkeypatch.setattr(conv_rule, "GRAM_COST", 1e12)
+    _, body, shape = case
+    torch.manual_seed(3)
+    check_model(_model(body, shape), ce("sum"), _batch(3, shape), "sum", use_vmap=False)
+
+
+def test_per_sample_form_rule():
+    """Patches for few inputs per group or few positions, the grouped conv otherwise
+    and for one output per group (depthwise)."""
+    assert conv_rule.use_unfold(nn.Conv2d(3, 32, 3), 30 * 30)  # benchmark cnn, first layer
+    assert not conv_rule.use_unfold(nn.Conv2d(32, 64, 3, stride=2), 14 * 14)  # its second
+    assert conv_rule.use_unfold(nn.Conv2d(64, 128, 3), 7 * 7)
+    assert not conv_rule.use_unfold(nn.Conv2d(32, 32, 3, groups=32), 4)
+    assert not conv_rule.use_unfold(nn.Conv1d(1, 1, 3), 4)
+
+
+def test_patches_are_contiguous():
+    """One input channel in 1d unfolds to a view; the patches must still be a copy
+    (CPU matmuls on the overlapping view are many times slower)."""
+    conv = nn.Conv1d(1, 4, 5)
+    x = torch.randn(3, 1, 12)
+    u = conv_rule._patches(conv, x)
+    assert u.is_contiguous() and u.shape == (3, 1, 5, 8)
+    torch.testing.assert_close(u[:, 0], F.unfold(x[..., None], (5, 1)))
+
+
 @pytest.mark.parametrize("materialize", [True, False])
 def test_unbatched_input_is_a_clear_error(materialize):
     conv = nn.Conv2d(3, 3, 3).double()
