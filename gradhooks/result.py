@@ -181,7 +181,7 @@ class PerSampleGrads(Mapping[str, Tensor]):
             for k, v in others.items():
                 g = self._grads[k]
                 acc = accumulation_dtype(g.dtype)
-                terms.append((g.reshape(g.shape[0], -1).to(acc) @ v.to(device=g.device, dtype=acc).reshape(-1)).to(self._norm_dtype))
+                terms.append((g.reshape(g.shape[0], math.prod(g.shape[1:])).to(acc) @ v.to(device=g.device, dtype=acc).reshape(-1)).to(self._norm_dtype))
         else:
             got = combine.dots(self._covered, dict(others), self._n)
             terms = [t.to(self._norm_dtype) * self._scale() for t in got.values()]
@@ -354,7 +354,7 @@ class PerSampleGrads(Mapping[str, Tensor]):
                     g, buf = self._grads[cov.name], buffers[cov.name]
                     c = (factors * (self._grad_scale / div)).to(device=g.device, dtype=buf.dtype)
                     if g.dtype == buf.dtype:
-                        buf.view(-1).addmv_(g.reshape(g.shape[0], -1).T, c)
+                        buf.view(-1).addmv_(g.reshape(g.shape[0], math.prod(g.shape[1:])).T, c)
                     else:
                         buf.add_(torch.tensordot(c, g.to(buf.dtype), dims=1))
             else:

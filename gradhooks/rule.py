@@ -18,6 +18,7 @@ the reduced loss, summed over the calls. The core rescales for
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -53,7 +54,7 @@ def long_sum_slack(terms: float) -> float:
 def squared_norms_of(per_sample: Tensor) -> Tensor:
     """``(N, *shape) -> (N,)``: per-sample sum of squares, float32-or-better accumulation."""
     n = per_sample.shape[0]
-    flat = per_sample.reshape(n, -1)
+    flat = per_sample.reshape(n, math.prod(per_sample.shape[1:]))
     acc = accumulation_dtype(flat.dtype)
     cast = None if flat.dtype == acc else acc
     k = flat.shape[1]

@@ -247,3 +247,31 @@ def test_weighted_sum_matches_naive(reduction, materialize):
         g.weighted_sum(w, names=["nope"])
     with pytest.raises(ValueError, match=r"shape \(6,\)"):
         g.weighted_sum(w[:3])
+
+
+@pytest.mark.parametrize("materialize", [True, False])
+@pytest.mark.parametrize(
+    "make, batch",
+    [
+        (lambda: nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), lambda: torch.randn(0, 4)),
+        (lambda: nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3), nn.Linear(3, 2)), lambda: torch.randn(0, 5, 4)),
+        (lambda: nn.Sequential(nn.Conv1d(4, 3, 3), nn.GroupNorm(1, 3), nn.Flatten(), nn.Linear(18, 2)), lambda: torch.randn(0, 4, 8)),
+        (lambda: nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2)), lambda: torch.zeros(0, 5, dtype=torch.long)),
+    ],
+    ids=["mlp", "sequence", "conv", "embedding"],
+)
+def test_empty_batch(make, batch, materialize):
+    """N = 0 (an empty Poisson batch): empty results, clip_ leaves p.grad as it was."""
+    torch.manual_seed(0)
+    model = make()
+    model(batch()[:0]).sum()  # shapes are valid
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    with per_sample_grads(model, loss_reduction="sum", materialize=materialize) as g:
+        model(batch()).sum().backward()
+    assert g.batch_size == 0
+    assert g.norms().shape == (0,) and g.clip_(1.0).shape == (0,)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, torch.ones_like(p))
+        if materialize:
+            assert g[name].shape == (0, *p.shape)

@@ -319,13 +319,12 @@ class ConvRule(Rule):
         out: dict[str, Tensor] = {}
         for call in calls:
             x, g, pad = _conv_input(module, call, acc)
-            n = g.shape[0]
             for name in names:
                 m = others[name].to(device=g.device, dtype=acc)
                 if name == "weight":
                     # <sum_t g_t u_t^T, M> = sum_t <g_t, M u_t> = <G, conv(X, M)>.
                     y = _conv(module, x, m, pad)
-                    t = torch.einsum("nk,nk->n", y.reshape(n, -1), g.reshape(n, -1))
+                    t = torch.einsum("nk,nk->n", y.flatten(1), g.flatten(1))
                 else:
                     t = _bias_sum(g) @ m
                 out[name] = t if name not in out else out[name] + t

@@ -25,6 +25,7 @@ gradient to couple).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -50,7 +51,8 @@ def _indices_grads(call: Call, acc: torch.dtype) -> tuple[Tensor, Tensor]:
     idx = call.input
     if idx.shape[0] != n:  # shared by the batch (broadcast_batch)
         idx = idx.expand(n, *idx.shape[1:])
-    return idx.reshape(n, -1), g.reshape(n, -1, d).to(acc)
+    t = math.prod(idx.shape[1:])
+    return idx.reshape(n, t), g.reshape(n, t, d).to(acc)
 
 
 def _rows(idx: Tensor, g: Tensor, padding_idx: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
