@@ -56,3 +56,26 @@ def test_find_mislabeled_quick(capsys, tmp_path):
         assert "no plot" in out
     else:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "name, expect",
+    [
+        ("quickstart", r"max \|gradhooks - naive loop\| = ([\d.e+-]+)"),
+        ("custom_rule", r"max \|gradhooks - naive loop\| = ([\d.e+-]+)"),
+    ],
+)
+def test_small_examples_run(name, expect):
+    """Each in a fresh process (custom_rule registers a rule at import)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    done = subprocess.run([sys.executable, str(EXAMPLES / f"{name}.py")], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    found = re.search(expect, done.stdout)
+    assert found, done.stdout
+    assert float(found.group(1)) < 1e-5
+    if name == "custom_rule":
+        assert "wrong rule caught" in done.stdout
