@@ -51,9 +51,7 @@ class Site:
         After the context's exit :meth:`prune` has dropped the others, so this is
         ``calls`` itself. Calls on an empty batch (N = 0) contribute nothing either."""
         calls = self.calls if self.pruned else [c for c in self.calls if c.has_grad]
-        if any(c.grad is not None and c.grad.dim() > 0 and c.grad.shape[0] == 0 for c in calls):
-            calls = [c for c in calls if not (c.grad is not None and c.grad.dim() > 0 and c.grad.shape[0] == 0)]
-        return calls
+        return [c for c in calls if c.batch_size != 0]
 
     def prune(self) -> None:
         """Keep only the calls that received a gradient (frees the others' inputs)."""

@@ -103,11 +103,6 @@ def _names(g: PerSampleGrads, names: Iterable[str] | None) -> list[str]:
     return chosen
 
 
-def _weighted_sum(g: PerSampleGrads, weights: Tensor, names: list[str]) -> dict[str, Tensor]:
-    """``{name: p.shape}``: ``sum_n weights[n] * g[name][n]``, float32+, in both modes."""
-    return g.weighted_sum(weights, names=names)
-
-
 def mean_gradient(g: PerSampleGrads, *, names: Iterable[str] | None = None) -> dict[str, Tensor]:
     """``{name: p.shape}``: the batch's mean gradient ``(1/N) sum_n g[name][n]``,
     float32 (float64 for float64 parameters). With ``loss_reduction="mean"`` it
@@ -115,7 +110,7 @@ def mean_gradient(g: PerSampleGrads, *, names: Iterable[str] | None = None) -> d
     n = g.batch_size
     chosen = _names(g, names)
     weights = torch.full((n,), 1.0 / n, dtype=torch.float64)
-    return _weighted_sum(g, weights, chosen)
+    return g.weighted_sum(weights, names=chosen)
 
 
 def _squared_norms(g: PerSampleGrads, names: list[str]) -> Tensor:

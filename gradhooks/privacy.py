@@ -54,7 +54,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Sampler
 
-from .result import PerSampleGrads, gaussian_like
+from .result import PerSampleGrads, add_gaussian_
 
 if TYPE_CHECKING:
     from opacus.accountants import IAccountant
@@ -116,13 +116,7 @@ def add_noise_(params: Iterable[Tensor], *, std: float, generator: torch.Generat
     std = _positive("add_noise_", "std", std, allow_zero=True)
     _check_generator("add_noise_", generator, params)
     _check_dense("add_noise_", params)
-    with torch.no_grad():
-        for p in params:
-            z = gaussian_like(p, std, generator)
-            if p.grad is None:
-                p.grad = z.to(p.dtype)
-            else:
-                p.grad.add_(z.to(p.grad.dtype))
+    add_gaussian_(params, std, generator)
 
 
 def privatize_(

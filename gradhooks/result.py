@@ -20,7 +20,7 @@ from .distributed import World
 from .errors import ContextStateError, NonFiniteNormError
 from .rule import accumulation_dtype, squared_norms_of
 
-__all__ = ["PerSampleGrads", "gaussian_like"]
+__all__ = ["PerSampleGrads", "add_gaussian_", "gaussian_like"]
 
 _State = Literal["open", "ready", "failed", "no_backward"]
 
@@ -33,6 +33,18 @@ def gaussian_like(p: Tensor, std: float, generator: torch.Generator | None) -> T
     float64 ``p``) from ``generator`` (PyTorch's global one when ``None``)."""
     z = torch.randn(p.shape, generator=generator, device=p.device, dtype=accumulation_dtype(p.dtype))
     return z.mul_(std)
+
+
+def add_gaussian_(params: Iterable[Tensor], std: float, generator: torch.Generator | None) -> None:
+    """``p.grad += gaussian_like(p, std, generator)`` for each ``p`` in order
+    (``p.grad`` of ``None`` counts as zeros)."""
+    with torch.no_grad():
+        for p in params:
+            z = gaussian_like(p, std, generator)
+            if p.grad is None:
+                p.grad = z.to(p.dtype)
+            else:
+                p.grad.add_(z.to(p.grad.dtype))
 
 
 class PerSampleGrads(Mapping[str, Tensor]):
@@ -307,14 +319,7 @@ class PerSampleGrads(Mapping[str, Tensor]):
         if world is None:
             self._write_clipped(factors, div)
             if noise_std > 0:
-                with torch.no_grad():
-                    for cov in self._covered:
-                        p = cov.param
-                        z = gaussian_like(p, noise_std * self._grad_scale / div, generator)
-                        if p.grad is None:
-                            p.grad = z.to(p.dtype)
-                        else:
-                            p.grad.add_(z.to(p.grad.dtype))
+                add_gaussian_([c.param for c in self._covered], noise_std * self._grad_scale / div, generator)
             return factors
         totals = self._clipped_totals(factors)
         if noise_std > 0 and world.rank == 0:

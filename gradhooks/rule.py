@@ -42,11 +42,13 @@ NORM_BLOCK = 1024
 
 
 def long_sum_slack(terms: float) -> float:
-    """Factor widening a rule's ``magnitudes`` for a reduction of ``terms`` values per
-    element that PyTorch's CPU backward accumulates sequentially (conv and norm-layer
-    biases and norm weights, summed over samples and positions): its float32 error
-    grows like ``sqrt(terms) * eps * sum |term|`` rather than ``log(terms) * eps * ...``.
-    Measured: conv bias gradients over 64 * 64 * 64 positions off by up to 3.7e-4
+    """Factor by which a rule's ``magnitudes`` widens for a gradient that backward
+    sums from ``terms`` values per parameter element (samples, times positions).
+
+    PyTorch's CPU kernels accumulate such sums in long sequential runs (conv and
+    norm-layer biases, GEMMs over ``N * T`` rows, ``index_add``), so their float32
+    error grows like ``sqrt(terms) * eps * sum |term|``, not ``log(terms)``.
+    Measured: conv bias gradients over 64 * 64 * 64 terms off by up to 3.7e-4
     relative (3000 eps). Returns ``sqrt(terms)`` (1 for a single term)."""
     return max(1.0, float(terms)) ** 0.5
 
@@ -198,12 +200,13 @@ class Rule:
         """``{name: scalar}``: a scale of the terms whose sum backward computed, for the
         rounding tolerance of the self-check at exit (not a result).
 
-        Default: ``sum_n ||raw_n||``. Rules whose per-sample gradient is itself a
-        sum over positions return a bound on the norm of those terms instead, so a
+        Default: ``sum_n ||raw_n||`` times :func:`long_sum_slack` of N. Rules whose
+        per-sample gradient is itself a sum over positions return a bound on the
+        norm of those terms instead (times the slack of samples x positions), so a
         gradient that cancels to almost zero is never flagged.
         """
         sq = self.squared_norms(module, calls, names)
-        return {name: sq[name].sqrt().sum() for name in names}
+        return {name: sq[name].sqrt().sum() * long_sum_slack(sq[name].shape[0]) for name in names}
 
     def can_pool(self, module: nn.Module, other: nn.Module, name: str) -> bool:
         """Whether the calls of ``other`` may be passed to this rule together with

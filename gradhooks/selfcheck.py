@@ -188,23 +188,6 @@ def _stats(
     return tuple([0.0 if t is None else next(values) for t in group] for group in groups)  # type: ignore[return-value]
 
 
-def _eps_all(covered: Sequence[Covered]) -> list[float]:
-    """:func:`combine.rounding_eps` of each parameter, each site's calls visited once."""
-    of_site: dict[int, float] = {}
-    out = []
-    for cov in covered:
-        dtype = cov.param.dtype
-        eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
-        for site, _ in cov.owners:
-            got = of_site.get(id(site))
-            if got is None:
-                live = site.live_calls()
-                got = of_site[id(site)] = max((c.eps() for c in site.calls), default=0.0) if live else -1.0
-            eps = max(eps, got)
-        out.append(eps)
-    return out
-
-
 _OPENMP: bool | None = None
 
 
@@ -345,7 +328,7 @@ def _check(
     # and ||before||_F estimated from their projections when probing. A parameter
     # within the tolerance without the scale (>= 0) passes: the rules' magnitudes
     # are computed only for the others, unless DDP needs them on every rank.
-    eps_l = _eps_all(covered)
+    eps_l = [combine.rounding_eps(cov) for cov in covered]
     suspects = [
         i
         for i, (err, after_n, prior_n) in enumerate(zip(*stats[:3]))

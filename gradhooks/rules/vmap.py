@@ -48,7 +48,7 @@ from torch.nn.modules.dropout import _DropoutNd
 from torch.utils import _pytree as pytree
 
 from ..capture import Call
-from ..rule import Rule, accumulation_dtype, squared_norms_of
+from ..rule import Rule, accumulation_dtype, long_sum_slack, squared_norms_of
 
 __all__ = ["FallbackRule", "BLOCK_ELEMENTS"]
 
@@ -284,7 +284,8 @@ class FallbackRule(Rule):
         key = _memo_key(calls)
         if any((key, "scale", name) not in memo for name in names):
             self._reduce_all(module, calls, names)
-        return {name: memo[(key, "scale", name)] for name in names}
+        n = calls[0].batch_size or 1
+        return {name: memo[(key, "scale", name)] * long_sum_slack(n) for name in names}
 
     def _reduce_all(self, module: nn.Module, calls: Sequence[Call], names: Sequence[str]) -> dict[str, Tensor]:
         """One replay: ``{name: p.shape}`` sums ``sum_n raw_n`` (float32+), and into the
