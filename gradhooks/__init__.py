@@ -1,4 +1,4 @@
-"""gradhooks: per-sample gradients for PyTorch models, through hooks.
+"""gradhooks: exact per-sample gradients for PyTorch models, unchanged.
 
 ::
 
@@ -8,25 +8,52 @@
     g["fc1.weight"]        # (N, out, in)
     g.norms()              # (N,)
     g.clip_(max_norm=1.0)  # p.grad := mean of the clipped per-sample grads
+
+How data flows (each step in the file its name promises):
+
+1. ``context.py`` enters: ``plan.py`` decides what is covered, ``hooks.py`` marks
+   the model's input as the batch, the tracer (``trace/tracer.py``) turns on;
+2. for every op the tracer follows which dimension holds the batch
+   (``trace/layout.py``, ``trace/optable.py``); where a parameter meets the batch,
+   a handler (``uses/*.py``) records a call (``capture.py``) and hooks its output;
+3. backward delivers each call's output gradient to that hook;
+4. at exit ``finish.py`` puts every batch first, runs ``selfcheck.py`` and builds
+   the result (``result.py``), whose queries go through ``accounts.py`` and
+   ``sites.py`` to the rules (``rules/*.py``); ``clip.py`` writes ``p.grad``.
 """
 
 from . import diagnostics, privacy
-from . import rules as _rules  # noqa: F401  (registers the built-in rules)
+from . import rules as _rules  # noqa: F401  (registers the built-in rules' module types)
+from . import uses as _uses  # noqa: F401  (registers the tracer's handlers)
 from .capture import Call
-from .context import FallbackWarning, per_sample_grads
-from .errors import GradhooksError, UnsupportedModuleError
+from .context import per_sample_grads
+from .errors import (
+    BatchLayoutError,
+    BatchSizeError,
+    ContextStateError,
+    GradhooksError,
+    NonFiniteNormError,
+    UnseenGradientError,
+    UnsupportedModuleError,
+)
+from .plan import FallbackWarning
 from .registry import register_rule, rule_for, unregister_rule
 from .result import PerSampleGrads
 from .rule import Rule
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
+    "BatchLayoutError",
+    "BatchSizeError",
     "Call",
+    "ContextStateError",
     "FallbackWarning",
     "GradhooksError",
+    "NonFiniteNormError",
     "PerSampleGrads",
     "Rule",
+    "UnseenGradientError",
     "UnsupportedModuleError",
     "__version__",
     "diagnostics",

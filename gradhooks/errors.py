@@ -1,8 +1,8 @@
 """The exceptions gradhooks raises.
 
 Every one derives from :class:`GradhooksError` (catch that to catch all of
-ours) and from the built-in type that SPEC.md names for the situation, so
-``except ValueError`` keeps working too.
+ours) and from the built-in type the README's error table names for the
+situation, so ``except ValueError`` keeps working too.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ __all__ = [
     "GradhooksError",
     "UnsupportedModuleError",
     "BatchSizeError",
+    "BatchLayoutError",
     "UnseenGradientError",
     "NonFiniteNormError",
     "ContextStateError",
@@ -28,6 +29,11 @@ class UnsupportedModuleError(GradhooksError, TypeError):
 
 class BatchSizeError(GradhooksError, ValueError):
     """Hooked modules saw inputs whose batch dimension differs from the model's."""
+
+
+class BatchLayoutError(BatchSizeError):
+    """A parameter met a tensor whose rows cannot be attributed to the samples of the
+    batch exactly (the batch was reduced, sliced or mixed before the use)."""
 
 
 class UnseenGradientError(GradhooksError, RuntimeError):

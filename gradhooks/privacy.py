@@ -54,7 +54,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Sampler
 
-from .result import PerSampleGrads, add_gaussian_
+from .clip import add_gaussian_
+from .result import PerSampleGrads
 
 if TYPE_CHECKING:
     from opacus.accountants import IAccountant

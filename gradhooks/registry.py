@@ -2,9 +2,9 @@
 
 Lookup walks the module's class hierarchy (``type(module).__mro__``) and takes
 the nearest registered class, so a subclass of ``nn.Linear`` uses the Linear
-rule. A subclass whose ``forward`` does something else is not silently
-mis-handled: the self-check at exit compares what the rule accounts for with
-what backward put in ``p.grad`` and raises if they differ.
+rule. A subclass that overrides ``forward`` does not inherit a rule (unless the
+rule declares ``subclass_forward_ok``): it is handled by how its forward uses
+its parameters, like any module without a rule.
 """
 
 from __future__ import annotations
@@ -95,9 +95,14 @@ def unregister_rule(module_type: type[nn.Module]) -> Rule:
 
 
 def rule_for(module: nn.Module) -> Rule | None:
-    """The rule for ``module``'s type (nearest registered class in its MRO), or ``None``."""
+    """The rule for ``module``'s type: the nearest registered class in its MRO, unless
+    the module's class overrides that class's ``forward`` (and the rule does not say
+    ``subclass_forward_ok``); ``None`` when there is none. A module without a rule
+    is handled by how its forward uses its parameters."""
     for cls in type(module).__mro__:
         found = _RULES.get(cls)
         if found is not None:
+            if type(module).forward is not cls.forward and not found.subclass_forward_ok:
+                return None
             return found
     return None

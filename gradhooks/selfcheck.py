@@ -1,210 +1,125 @@
-"""The exit-time self-check: did the hooks see every gradient ``p.grad`` got?
+"""The exit self-check: did the hooks see every gradient ``p.grad`` got?
 
-For each covered parameter, what ``backward()`` added to ``p.grad`` inside the
-context must equal the sum over samples of what the rules account for. If a
-parameter was also used where no hook sees it (``F.linear(x, layer.weight)``,
-read by another module, a weight penalty in the loss), the two differ and the
-per-sample results would be silently wrong, so the context raises instead.
+One-backward mode: the hooked uses add nothing to ``p.grad`` of an op-level
+covered parameter, so any change of it during the context (its identity or its
+version counter) came from a use the hooks do not see: exact, no tolerance.
 
-The comparison allows for rounding only: the tolerance is a small multiple of
-machine epsilon times a bound on the *terms* backward summed (the rules'
-``magnitudes``), never of the result, so a gradient that cancels to almost
-zero is not flagged. Without materialized tensors the sums are compared along
-a few fixed random directions (``probe``), which costs a fraction of a matmul
-per layer and detects any discrepancy with probability one.
+Default mode: for every covered parameter, what ``backward()`` added to
+``p.grad`` must equal the sum of what autograd sent through the captured uses
+(each use's gradient is recorded by a hook on the operand it received), up to
+the rounding of that final addition. A module-level rule (``register_rule``,
+the fallback) has no such record: its rule's account of the batch sum stands
+in, with a tolerance of a few machine epsilons times the size of the *terms*
+it sums (its ``magnitudes``), so a gradient that cancels to almost zero is no
+false alarm. A normalization layer's per-sample gradients are also checked
+against the gradient autograd computed for it (that is how a kernel bug shows,
+e.g. torch 2.13's CPU ``instance_norm`` backward with a non-contiguous
+incoming gradient).
 
-Cost: a few products of a matrix with ``PROBES`` columns per layer, plus a few
-calls for all parameters together (differences, norms). The rules' magnitudes
-are computed only for a parameter whose difference exceeds the tolerance
-without them (rarely: only near-total cancellation). On CPU the products are
-so small that waking OpenMP's threads costs more than the arithmetic, so the
-check runs with one intra-op thread when every tensor involved is small
-(:func:`_serial`).
+Under DDP without ``no_sync()`` the gradients were all-reduced during
+backward: the accounts are averaged over the ranks along a few fixed random
+directions (one small all-reduce) before the comparison.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import combine
-from .combine import Covered
 from .distributed import World
 from .errors import UnseenGradientError
-from .rule import accumulation_dtype
+from .rule import accumulation_dtype, long_sum_slack
+from .sites import Covered, Site
+from .trace.derive import Chain
 
-__all__ = ["verify"]
+__all__ = ["verify", "verify_unchanged", "verify_dense_rules", "Snapshot"]
 
-#: Random directions per parameter when comparing by probes.
-PROBES = 4
 #: Multiple of machine epsilon times the terms' scale that counts as rounding.
 SAFETY = 16.0
-#: On CPU the check runs single-threaded while no parameter and no captured
-#: input or output gradient of a covered module has more elements than this:
-#: each product then takes well under a millisecond on one core, and waking the
-#: other threads (~0.1 ms under ``OMP_WAIT_POLICY=PASSIVE``) would cost more.
-SERIAL_ELEMS = 1 << 20
+#: Random directions per parameter when comparing across DDP ranks.
+PROBES = 4
 
-# (device, dtype, columns) -> the (PROBES, columns) draw and its column-major
-# slices by width; deterministic, so cached.
-_BASES: dict[tuple[torch.device, torch.dtype, int], tuple[Tensor, dict[int, Tensor]]] = {}
-
-
-def _rows(t: Tensor, p: Tensor) -> Tensor:
-    """``t`` (shaped like ``p``) as ``(shape[0], -1)``; scalars and empty leading dims as one row."""
-    rows = p.shape[0] if p.dim() >= 1 and p.shape[0] > 0 else 1
-    return t.reshape(rows, -1)
+_REMEDY = (
+    "The parameter is used where no hook sees it: in a penalty added to the loss (which has "
+    "no per-sample meaning), or through an op the tracer cannot see. Add such a penalty's "
+    "gradient after clip_(), or freeze the parameter (requires_grad=False)."
+)
 
 
-def _base(device: torch.device, dtype: torch.dtype, cols: int) -> tuple[Tensor, dict[int, Tensor]]:
-    key = (device, dtype, cols)
-    got = _BASES.get(key)
+@dataclass
+class _Term:
+    value: Tensor  # shaped like the parameter, raw
+    scale: float  # the rounding scale of this term
+    eps: float
+
+
+def _eps(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+
+
+def _rule_sums(site: Site, live: list, acc: torch.dtype, device: torch.device, cache: dict[int, tuple[dict[str, Tensor], dict[str, Tensor]]]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The rule's batch sums and magnitudes for all of the site's names, once."""
+    got = cache.get(id(site))
     if got is None:
-        gen = torch.Generator().manual_seed(0x6A5)
-        got = (torch.randn(PROBES, cols, generator=gen, dtype=dtype).to(device), {})
-        if len(_BASES) >= 16:
-            _BASES.clear()
-        _BASES[key] = got
+        ones = torch.ones(_batch_of(live), device=device, dtype=acc)
+        sums = site.rule.weighted_sum(site.module, live, site.names, ones)
+        mags = site.rule.magnitudes(site.module, live, site.names)
+        got = cache[id(site)] = (sums, mags)
     return got
 
 
-def _directions(covered: Sequence[Covered]) -> dict[str, Tensor]:
-    """Random directions ``(prod(shape[1:]), PROBES)`` with standard normal entries per
-    parameter: slices of one draw per (device, dtype) from a private generator (the
-    user's RNG streams are left alone). ``E ||D v||^2 = PROBES ||D||_F^2``.
-
-    The directions are column-major views (the transpose of a row-major draw): a
-    CPU BLAS multiplies by a few such columns several times faster."""
-    need: dict[tuple[torch.device, torch.dtype], int] = {}
-    cols_of = {}
-    for cov in covered:
-        p = cov.param
-        rows = p.shape[0] if p.dim() >= 1 and p.shape[0] > 0 else 1
-        cols = p.numel() // rows
-        key = (p.device, accumulation_dtype(p.dtype))
-        if need.get(key, -1) < cols:
-            need[key] = cols
-        cols_of[cov.name] = (key, cols)
-    bases = {key: _base(key[0], key[1], cols) for key, cols in need.items()}
-    out = {}
-    for name, (key, cols) in cols_of.items():
-        base, views = bases[key]
-        v = views.get(cols)
-        if v is None:
-            v = views[cols] = base[:, :cols].T
-        out[name] = v
+def _terms(cov: Covered, module_level_only: bool, cache: dict[int, Any]) -> list[_Term]:
+    """What the captured uses account for in ``p.grad``, one term per use (only the
+    module-level ones in the one-backward mode, where the others add nothing)."""
+    out = []
+    p = cov.param
+    acc = accumulation_dtype(p.dtype)
+    for site, local in cov.contributions:
+        live = site.live_calls()
+        if not live or (module_level_only and not site.module_level):
+            continue
+        tracked = site.tracked.get(local)
+        if tracked is not None:
+            origin, grad = tracked
+            grad = grad.to_dense() if grad.is_sparse else grad
+            value = Chain(origin).pull(grad.to(acc))[id(cov.source)]
+            out.append(_Term(value, float(torch.linalg.vector_norm(value)), _eps(p.dtype)))
+            continue
+        sums, mags = _rule_sums(site, live, acc, p.device, cache)
+        value = site.chains[local].pull(sums[local].detach().to(acc))[id(cov.source)]
+        eps = max([_eps(p.dtype)] + [c.eps() for c in live])
+        out.append(_Term(value, float(mags[local].detach()), eps))
     return out
 
 
-def _project(t: Tensor, p: Tensor, v: Tensor) -> Tensor:
-    """``t`` (shaped like ``p``) as rows, times the directions ``v``."""
-    t = _rows(t, p)
-    if v.shape[0] == 1:
-        return t * v  # one column: an outer product
-    return t @ v
+def _batch_of(calls: Sequence) -> int:
+    for c in calls:
+        for g in c.grads:
+            if g is not None:
+                return int(g.shape[0])
+    return 0
 
 
-def _prepare(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """A gradient as a dense tensor of ``dtype`` (no copy when it already is one)."""
+def _dense(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     if t is None:
         return None
-    if t.requires_grad:
-        t = t.detach()
+    t = t.detach()
     if t.is_sparse:
         t = t.to_dense()
-    return t if t.dtype == dtype else t.to(dtype)
-
-
-def _floats(scalars: list[Tensor]) -> list[float]:
-    """0-d tensors as Python floats: one stack and one transfer per device."""
-    by_device: dict[torch.device, dict[torch.dtype, list[int]]] = {}
-    for i, t in enumerate(scalars):
-        by_device.setdefault(t.device, {}).setdefault(t.dtype, []).append(i)
-    out = [0.0] * len(scalars)
-    for groups in by_device.values():
-        order = [i for idx in groups.values() for i in idx]
-        parts = [torch.stack([scalars[i] for i in idx]).to(torch.float64) for idx in groups.values()]
-        values = (parts[0] if len(parts) == 1 else torch.cat(parts)).tolist()
-        for i, value in zip(order, values):
-            out[i] = value
-    return out
-
-
-def _foreach(op: str, a: list[Tensor], b: list[Tensor]) -> list[Tensor]:
-    """``[op(x, y) for x, y in zip(a, b)]`` in one call where PyTorch offers it."""
-    fused = getattr(torch, f"_foreach_{op}", None)
-    if fused is not None and len({(t.device, t.dtype) for t in a + b}) == 1:
-        return list(fused(a, b))
-    return [getattr(torch, op)(x, y) for x, y in zip(a, b)]
-
-
-def _norms(tensors: list[Tensor]) -> list[Tensor]:
-    """L2 norm of each tensor, one call per (device, dtype) where PyTorch offers it."""
-    foreach = getattr(torch, "_foreach_norm", None)
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault((t.device, t.dtype), []).append(i)
-    out: list[Tensor] = [None] * len(tensors)  # type: ignore[list-item]
-    for idx in groups.values():
-        group = [tensors[i] for i in idx]
-        got = foreach(group) if foreach is not None else [torch.linalg.vector_norm(t) for t in group]
-        for i, n in zip(idx, got):
-            out[i] = n
-    return out
-
-
-def _stats(
-    after_l: list[Tensor | None], prior_l: list[Tensor | None], mine_l: list[Tensor | None]
-) -> tuple[list[float], list[float], list[float]]:
-    """Per parameter ``||after - prior - mine||``, ``||after||`` and ``||prior||``
-    (absent terms are zeros), with a few calls for all parameters rather than a few
-    per parameter (small tensors: the calls' overhead is the cost)."""
-    n = len(after_l)
-    diffs: list[Tensor | None] = [None] * n
-    # The usual cases in bulk: nothing before the context, or accumulation.
-    plain = [i for i in range(n) if after_l[i] is not None and mine_l[i] is not None]
-    for with_prior in (False, True):
-        idx = [i for i in plain if (prior_l[i] is not None) == with_prior]
-        if not idx:
-            continue
-        left = [after_l[i] for i in idx]
-        if with_prior:
-            left = _foreach("sub", left, [prior_l[i] for i in idx])  # type: ignore[misc]
-        for i, d in zip(idx, _foreach("sub", left, [mine_l[i] for i in idx])):  # type: ignore[misc]
-            diffs[i] = d
-    for i in range(n):
-        if diffs[i] is None:
-            d = after_l[i]
-            for t in (prior_l[i], mine_l[i]):
-                if t is not None:
-                    d = t.neg() if d is None else d - t
-            diffs[i] = d
-    groups = (diffs, after_l, prior_l)
-    present = [t for group in groups for t in group if t is not None]
-    values = iter(_floats(_norms(present)))
-    return tuple([0.0 if t is None else next(values) for t in group] for group in groups)  # type: ignore[return-value]
-
-
-_OPENMP: bool | None = None
+    return t.to(dtype)
 
 
 @contextlib.contextmanager
-def _serial(covered: Sequence[Covered]) -> Iterator[None]:
-    """One intra-op thread while the check runs, on CPU with small tensors only.
-
-    Each of the check's products is tiny (a matrix times ``PROBES`` columns), so
-    a CPU spends more on waking the other threads (under ``OMP_WAIT_POLICY=PASSIVE``
-    a futex wake-up per op, ~0.1 ms) than on the arithmetic. The setting is
-    restored on exit, errors included. Only under the OpenMP backend, which
-    changes its team size freely (the native backend refuses to resize its pool)."""
-    global _OPENMP
-    if _OPENMP is None:
-        _OPENMP = "parallel backend: OpenMP" in torch.__config__.parallel_info()
-    threads = torch.get_num_threads() if _OPENMP else 1
-    if threads <= 1 or not _small_cpu(covered):
+def _serial() -> Iterator[None]:
+    """One intra-op thread on CPU while the check runs: its operations are small,
+    and waking OpenMP's threads costs more than their arithmetic."""
+    threads = torch.get_num_threads()
+    if threads <= 1 or "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         yield
         return
     torch.set_num_threads(1)
@@ -214,168 +129,150 @@ def _serial(covered: Sequence[Covered]) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _small_cpu(covered: Sequence[Covered]) -> bool:
-    """Whether every parameter is on CPU and it and its modules' captured input and
-    output gradient have at most :data:`SERIAL_ELEMS` elements."""
-    seen = set()
-    for cov in covered:
-        p = cov.param
-        if p.device.type != "cpu" or p.numel() > SERIAL_ELEMS:
-            return False
-        for site, _ in cov.owners:
-            if id(site) in seen:
-                continue
-            seen.add(id(site))
-            for call in site.calls:
-                x, g = call._input, call.grads[0] if call.grads else None
-                if (x is not None and x.numel() > SERIAL_ELEMS) or (g is not None and g.numel() > SERIAL_ELEMS):
-                    return False
-    return True
-
-
-def verify(
-    covered: Sequence[Covered],
-    before: dict[str, Tensor | None],
-    summed: dict[str, Tensor] | None = None,
-    world: World | None = None,
-) -> None:
+def verify(covered: Sequence[Covered], before: dict[str, Tensor | None], world: World | None = None, *, module_level_only: bool = False) -> None:
     """Raise :class:`UnseenGradientError` naming every parameter whose ``p.grad``
-    grew by something other than the rules' account.
+    grew by something other than the captured uses' account. ``world``: the DDP
+    process group when DDP all-reduced the gradients during backward (collective)."""
+    problems = []
+    cache: dict[int, Any] = {}
+    with _serial():
+        for cov in covered:
+            msg = _check_one(cov, before.get(cov.name), world, module_level_only, cache)
+            if msg:
+                problems.append(msg)
+    if problems:
+        raise UnseenGradientError("gradient reached a parameter outside its captured uses:\n  " + "\n  ".join(problems) + "\n" + _REMEDY)
 
-    ``summed``: the full raw sums when already at hand (materialized mode);
-    otherwise the rules' ``probe`` is used. ``world``: the DDP process group
-    when DDP all-reduced (averaged) the gradients during backward; the account
-    is then averaged over the ranks too (a collective call).
-    """
-    if not covered:
+
+def _check_one(cov: Covered, prior: Tensor | None, world: World | None, module_level_only: bool, cache: dict[int, Any]) -> str | None:
+    p = cov.param
+    acc = accumulation_dtype(p.dtype)
+    after = _dense(p.grad, acc)
+    prior_d = _dense(prior, acc)
+    terms = _terms(cov, module_level_only, cache)
+    mine = None
+    for t in terms:
+        mine = t.value if mine is None else mine + t.value
+    if world is not None:
+        return _check_world(cov, after, prior_d, mine, terms, world)
+    diff = torch.zeros(p.shape, dtype=acc, device=p.device) if after is None else after.clone()
+    if prior_d is not None:
+        diff.sub_(prior_d)
+    if mine is not None:
+        diff.sub_(mine)
+    err = float(torch.linalg.vector_norm(diff))
+    if not torch.isfinite(torch.tensor(err)):
+        # Non-finite gradients are no error here (norms() reports them, clip_ refuses),
+        # unless they came from outside the captured uses.
+        if mine is None or bool(torch.isfinite(mine).all()):
+            return f"parameter '{cov.name}': a non-finite gradient reached p.grad from outside its captured uses"
+        return None
+    after_n = 0.0 if after is None else float(torch.linalg.vector_norm(after))
+    prior_n = 0.0 if prior_d is None else float(torch.linalg.vector_norm(prior_d))
+    eps = max([_eps(p.dtype)] + [t.eps for t in terms])
+    tol = SAFETY * eps * (after_n + prior_n + sum(t.scale for t in terms)) + 1e-30
+    if err <= tol:
+        return None
+    return _explain(cov, after, prior_d, mine, err)
+
+
+def _explain(cov: Covered, after: Tensor | None, prior: Tensor | None, mine: Tensor | None, err: float) -> str:
+    owner = ", ".join(dict.fromkeys(site.label for site, _ in cov.contributions)) or "no captured use"
+    where = f"parameter '{cov.name}' ({owner})"
+    zeros = torch.zeros_like(next(t for t in (after, mine, prior) if t is not None))
+    after_, mine_, prior_ = (zeros if t is None else t for t in (after, mine, prior))
+    added = float(torch.linalg.vector_norm(after_ - prior_))
+    if prior is not None and float(torch.linalg.vector_norm(after_ - mine_)) <= 1e-6 * max(added, 1e-30):
+        return f"{where}: p.grad was reset inside the context (optimizer.zero_grad() inside the with block?); zero the gradients before entering it"
+    if mine is not None and added == 0.0:
+        return (f"{where}: backward() added nothing to p.grad although its uses received gradient; "
+                "call loss.backward() inside the context (torch.autograd.grad does not fill p.grad)")
+    rel = err / max(added, float(torch.linalg.vector_norm(mine_)), 1e-300)
+    return f"{where}: backward() added a gradient that differs from the captured uses' sum (relative difference {rel:.2g})"
+
+
+def _check_world(cov: Covered, after: Tensor | None, prior: Tensor | None, mine: Tensor | None, terms: list[_Term], world: World) -> str | None:
+    """DDP averaged ``p.grad`` over the ranks: average the account and ``before`` too,
+    along a few random directions (every rank contributes, zeros for absent terms)."""
+    p = cov.param
+    acc = accumulation_dtype(p.dtype)
+    gen = torch.Generator().manual_seed(0x6A5)
+    v = torch.randn(p.numel(), PROBES, generator=gen, dtype=acc).to(p.device)
+    proj = lambda t: (t.reshape(-1) @ v) if t is not None else torch.zeros(PROBES, dtype=acc, device=p.device)  # noqa: E731
+    shared = torch.cat([proj(mine), proj(prior), torch.tensor([sum(t.scale for t in terms)], dtype=acc, device=p.device)])
+    world.sum_([shared])
+    shared /= world.size
+    mine_p, prior_p, scale = shared[:PROBES], shared[PROBES : 2 * PROBES], float(shared[-1])
+    err = float(torch.linalg.vector_norm(proj(after) - prior_p - mine_p))
+    after_n = float(torch.linalg.vector_norm(proj(after)))
+    eps = max([_eps(p.dtype)] + [t.eps for t in terms])
+    tol = SAFETY * eps * (PROBES**0.5 * scale + after_n + float(torch.linalg.vector_norm(prior_p))) + 1e-30
+    if err <= tol:
+        return None
+    return f"parameter '{cov.name}': after DDP's all-reduce, p.grad differs from the ranks' average account"
+
+
+@dataclass
+class Snapshot:
+    """``p.grad``'s identity and version counter when the context was entered."""
+
+    grad: Tensor | None
+    version: int
+
+    @classmethod
+    def of(cls, p: Tensor) -> Snapshot:
+        return cls(p.grad, p.grad._version if p.grad is not None else -1)
+
+    def changed(self, p: Tensor) -> bool:
+        return p.grad is not self.grad or (p.grad is not None and p.grad._version != self.version)
+
+
+def verify_unchanged(covered: Sequence[Covered], snapshots: dict[str, Snapshot], outside: bool) -> None:
+    """One-backward mode: the hooked uses leave ``p.grad`` alone; any change came from
+    a use the hooks do not see (``outside``: the model's forward never ran inside)."""
+    changed = [cov for cov in covered if snapshots[cov.name].changed(cov.param)]
+    if not changed:
         return
-    with _serial(covered):
-        problems = _check(covered, before, summed, world)
+    lines = []
+    for cov in changed:
+        snap = snapshots[cov.name]
+        if snap.grad is not None and cov.param.grad is None:
+            lines.append(f"'{cov.name}': p.grad was reset inside the context (optimizer.zero_grad() inside the with block?)")
+        else:
+            lines.append(f"'{cov.name}': backward() added a gradient through a use the hooks do not see")
+    first = (
+        "the model's forward ran outside the per_sample_grads context (or not at all), so its "
+        "uses of these parameters were not captured: run the forward inside the with block"
+        if outside else _REMEDY
+    )
+    raise UnseenGradientError("gradient reached covered parameter(s) outside their captured uses (one_backward=True, exact):\n  " + "\n  ".join(lines) + "\n" + first)
+
+
+def verify_dense_rules(sites: Sequence[Site]) -> None:
+    """A normalization layer's per-sample gradients must add up to the gradient
+    autograd computed for it, within the rounding of the terms both sum."""
+    problems = []
+    for site in sites:
+        for call in site.calls:
+            mags = call.memo.get("magnitude")
+            if not mags or not call.has_grad:
+                continue
+            names = call.memo["names"]
+            for local, mag in mags.items():
+                tracked = site.tracked.get(local)
+                value = call.grads[names.index(local)]
+                if tracked is None or value is None:
+                    continue
+                got = value.sum(0).to(tracked[1].dtype)
+                err = float(torch.linalg.vector_norm(got - tracked[1]))
+                rows = max(1.0, float(call.memo.get("rows", 1)))
+                tol = SAFETY * _eps(tracked[1].dtype) * long_sum_slack(rows) * float(torch.linalg.vector_norm(mag)) + 1e-30
+                if err > tol:
+                    problems.append(f"{site.label} ({local}): relative difference {err / max(float(torch.linalg.vector_norm(got)), 1e-300):.2g}")
     if problems:
         raise UnseenGradientError(
-            "gradient reached a parameter outside its hooked module:\n  "
-            + "\n  ".join(problems)
-            + "\nThe parameter is used where no hook sees it: functionally (e.g. "
-            "F.linear(x, layer.weight)), read by another module, or in a penalty added to the "
-            "loss (which has no per-sample meaning). Route every use through its module, add "
-            "such a penalty's gradient after clip_(), or freeze the parameter "
-            "(requires_grad=False). A fallback module must also be deterministic (no dropout "
-            "in training mode)."
+            "backward's gradient of a normalization layer's parameters differs from the sum of their "
+            "per-sample gradients:\n  " + "\n  ".join(problems) + "\nThis happens with a kernel bug "
+            "(torch 2.13's CPU instance_norm backward with a non-contiguous incoming gradient): the "
+            "per-sample gradients and clip_() are right, p.grad from backward() is not."
         )
-
-
-def _check(
-    covered: Sequence[Covered],
-    before: dict[str, Tensor | None],
-    summed: dict[str, Tensor] | None,
-    world: World | None,
-) -> list[str]:
-    """The messages for the parameters that fail (empty when all pass)."""
-    use_probes = summed is None or world is not None
-    vectors = _directions(covered) if use_probes else {}
-    if summed is None:
-        mine_all = combine.probes(covered, vectors)
-    elif use_probes:
-        mine_all = {}
-        for k, t in summed.items():
-            p = covered_param(covered, k)
-            mine_all[k] = _project(_prepare(t, accumulation_dtype(p.dtype)), p, vectors[k])  # type: ignore[arg-type]
-    else:
-        mine_all = summed
-    # Per parameter: the account ("mine"), p.grad before the context and after
-    # backward, all projected on the probe directions when probing; None: zero.
-    mine_l: list[Tensor | None] = []
-    prior_l: list[Tensor | None] = []
-    after_l: list[Tensor | None] = []
-    for cov in covered:
-        p = cov.param
-        acc = accumulation_dtype(p.dtype)
-        v = vectors.get(cov.name)
-        after = _prepare(p.grad, acc)
-        prior = _prepare(before.get(cov.name), acc)
-        mine = mine_all.get(cov.name)
-        if v is not None:
-            after = None if after is None else _project(after, p, v)
-            prior = None if prior is None else _project(prior, p, v)
-        mine_l.append(mine if mine is None or mine.dtype == acc else mine.to(acc))
-        prior_l.append(prior)
-        after_l.append(after)
-    scale_l: list[Tensor | None] = []  # DDP only (see below)
-    if world is not None:
-        scales = combine.magnitudes(covered)
-        scale_l = [scales.get(cov.name) for cov in covered]
-        # DDP averaged the gradients: average the account (and the grads before) too.
-        # Every rank contributes the same tensors, so absent ones count as zeros.
-        for i, cov in enumerate(covered):
-            p = cov.param
-            shape = (_rows(p, p).shape[0], PROBES)
-            acc = accumulation_dtype(p.dtype)
-            m, b, s = mine_l[i], prior_l[i], scale_l[i]
-            mine_l[i] = torch.zeros(shape, dtype=acc, device=p.device) if m is None else m.clone()
-            prior_l[i] = torch.zeros(shape, dtype=acc, device=p.device) if b is None else b.clone()
-            scale_l[i] = torch.zeros((), dtype=torch.float64, device=p.device) if s is None else s.to(p.device).clone()
-        shared = [t for t in mine_l + prior_l + scale_l if t is not None]
-        world.sum_(shared)
-        for t in shared:
-            t.div_(world.size)
-    stats = list(_stats(after_l, prior_l, mine_l))
-    if world is not None:
-        stats.append(_floats(scale_l))  # type: ignore[arg-type]  # no None left
-    # Projected on standard normal directions, any tensor's norm grows by sqrt(PROBES)
-    # in expectation: rounding errors and discrepancies alike.
-    factor = PROBES**0.5 if use_probes else 1.0
-    # tol = SAFETY * eps * (factor * scale + ||after|| + ||before||), with ||after||_F
-    # and ||before||_F estimated from their projections when probing. A parameter
-    # within the tolerance without the scale (>= 0) passes: the rules' magnitudes
-    # are computed only for the others, unless DDP needs them on every rank.
-    eps_l = [combine.rounding_eps(cov) for cov in covered]
-    suspects = [
-        i
-        for i, (err, after_n, prior_n) in enumerate(zip(*stats[:3]))
-        if not (err <= SAFETY * eps_l[i] * (after_n + prior_n) + 1e-30 or err != err or err == float("inf"))
-    ]
-    if not suspects:
-        return []
-    if world is None:
-        scales = combine.magnitudes([covered[i] for i in suspects])
-        got = [scales.get(covered[i].name) for i in suspects]
-        values = iter(_floats([s for s in got if s is not None]))
-        scale_of = {i: (0.0 if s is None else next(values)) for i, s in zip(suspects, got)}
-    else:
-        scale_of = {i: stats[3][i] for i in suspects}
-    problems = []
-    for i in suspects:
-        cov, err, after_n, prior_n = covered[i], stats[0][i], stats[1][i], stats[2][i]
-        tol = SAFETY * eps_l[i] * (factor * scale_of[i] + after_n + prior_n) + 1e-30
-        if err <= tol:
-            continue
-        like = next(t for t in (after_l[i], mine_l[i], prior_l[i]) if t is not None)  # err > 0
-        zeros = torch.zeros_like(like)
-        mine, after, prior = (zeros if t is None else t for t in (mine_l[i], after_l[i], prior_l[i]))
-        reset_err = float(torch.linalg.vector_norm(after - mine))
-        added_n = float(torch.linalg.vector_norm(after - prior))
-        mine_n = float(torch.linalg.vector_norm(mine))
-        owner = ", ".join(site.label for site, _ in cov.owners)
-        where = f"parameter '{cov.name}' of {owner}"
-        if before.get(cov.name) is not None and reset_err <= tol:
-            problems.append(
-                f"{where}: p.grad was reset inside the context (optimizer.zero_grad() inside "
-                "the with block?); zero the gradients before entering the context"
-            )
-        elif added_n <= tol:
-            problems.append(
-                f"{where}: backward() added nothing to p.grad although the hooks saw gradient "
-                "reach the module; call loss.backward() inside the context (torch.autograd.grad "
-                "does not fill p.grad)"
-            )
-        else:
-            rel = err / max(added_n, mine_n, 1e-300)
-            problems.append(f"{where}: backward() added a gradient that differs from the hooked calls' sum (relative difference {rel:.2g})")
-    return problems
-
-
-def covered_param(covered: Sequence[Covered], name: str) -> Tensor:
-    for cov in covered:
-        if cov.name == name:
-            return cov.param
-    raise KeyError(name)

@@ -1,8 +1,8 @@
-"""Built-in per-sample rules, one file per layer family.
+"""Built-in per-sample rules, one file per family of parameter use.
 
-Importing this package registers them; each file registers its own module
-types with :func:`gradhooks.register_rule`. ``vmap`` holds the ``torch.func``
-fallback, used only with ``fallback=True`` and never registered by type.
+Importing this package registers the module types they cover (for the entry
+checks and :func:`gradhooks.rule_for`); the tracer applies them per op.
+``fallback`` holds the ``torch.func`` fallback, used only with ``fallback=True``.
 """
 
-from . import conv, embedding, linear, norms  # noqa: F401
+from . import attention, conv, dense, embedding, linear, normalization  # noqa: F401

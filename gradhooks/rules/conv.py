@@ -1,4 +1,4 @@
-"""``nn.Conv1d/2d/3d``: ``C = conv(X, W) + b`` with ``X: (N, C, *S)``, ``C: (N, O, *L)``.
+"""Convolutions with a weight (``nn.Conv1d/2d/3d``, ``F.conv*d``): ``C = conv(X, W) + b`` with ``X: (N, C, *S)``, ``C: (N, O, *L)``.
 
 Sample n's weight gradient is ``sum_t g_nt u_nt^T`` per group, ``u_nt`` the
 input patch (``C/groups * K`` values) that output position ``t`` saw. Two exact
@@ -11,18 +11,14 @@ forms, chosen per call by the measured rule :func:`use_unfold`:
   and one batched matmul with ``G``.
 
 Both do the same ``T i o`` multiply-adds per sample and group; how fast CPU
-(oneDNN) runs the folded grouped conv varies by 10x with the shape. Measured
-(2 threads, float32, min of 7, N = 128 / 32 for 3d; ms grouped -> patches):
-``3->32 k3`` on 32x32 (``T = 900``) 16.4 -> 2.9, ``1->8 k3`` on 28x28 5.9 -> 0.6,
-``64->128 k3 s2`` on 16x16 (``T = 49``) 40.5 -> 17.7, ``128->256 k3 s2`` on
-8x8 (``T = 9``) 147 -> 48; but ``16->32 k3`` on 32x32 7.7 -> 10.9, ``32->64 k3 s2`` on 30x30
-(``T = 196``) 8.3 -> 9.6, depthwise ``32 k3`` on 16x16 1.1 -> 2.6. The bias
-gradient is ``sum_t g_nt``.
+(oneDNN) runs the folded grouped conv varies by 10x with the shape, so the
+choice follows measurements (``docs/measurements.md``). The bias gradient is
+``sum_t g_nt``.
 
-Padding: ``"zeros"`` with equal sides goes to the conv as ``padding``; every
-other case (``"same"`` with an even kernel, ``reflect``/``replicate``/
-``circular``) pads ``X`` first, as the module does, with
-``module._reversed_padding_repeated_twice``, then convolves with padding 0.
+Padding: equal sides go to the conv as ``padding``; uneven ``"same"`` padding
+pads ``X`` first, then convolves with padding 0 (the modules' ``reflect``,
+``replicate`` and ``circular`` modes call ``F.pad`` before the conv, which the
+tracer follows like any other op).
 
 Without materializing, the squared norm is either the Gram form
 ``sum_groups <U U^T, G G^T>`` over output positions (cost ``T^2 (i + o)``
@@ -36,6 +32,7 @@ cross terms exactly. The clipped sum is one weight-gradient call on ``c * G``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,37 +40,23 @@ from torch import Tensor, nn
 
 from ..capture import Call
 from ..registry import register_rule
-from ..rule import Rule, accumulation_dtype, long_sum_slack, squared_norms_of
+from ..rule import CHUNK_ELEMS, Rule, accumulation_dtype, squared_norms_of
 
-__all__ = ["ConvRule", "CHUNK_ELEMS", "GRAM_COST", "PATCH_ELEMS", "UNFOLD_CHANNELS", "UNFOLD_POSITIONS"]
-
-#: Temporaries are built a block of samples at a time, at most this many elements.
-CHUNK_ELEMS = 1 << 24
+__all__ = ["ConvRule", "ConvGeometry", "GRAM_COST", "PATCH_ELEMS", "UNFOLD_CHANNELS", "UNFOLD_POSITIONS"]
 
 #: Cost of one Gram multiply-add relative to one of the materialized per-sample
 #: weight gradient: the Gram form is used when ``GRAM_COST * T^2 (i + o) < T i o``
-#: (per sample and group). Measured on CPU (float32, 2 threads, N = 128 / 32 for 3d,
-#: 86 shapes around the crossover: 1d/2d/3d, 3-256 channels, groups 1-64, T = 4-256,
-#: twice) against the materialized form of :func:`use_unfold`: 0.6-0.7 lose 0.1% of
-#: the time against always picking the faster form, no pick worse than 1.42x (a 1 ms
-#: case); 1.0 (the value measured against the grouped conv alone) loses 16%, up to
-#: 1.5x on 128-256 channels (e.g. ``128->128 k3`` on 12x12: 63 ms Gram, 94 ms
-#: materialized), 0.4 loses 7%.
+#: (per sample and group). Measured: docs/measurements.md.
 GRAM_COST = 0.6
 
 #: Patches for the unfolded per-sample weight gradient are built a block of samples
-#: at a time, at most this many elements (measured: 2^19-2^23 within 15% of each
-#: other, 2^25 up to 1.6x slower).
+#: at a time, at most this many elements.
 PATCH_ELEMS = 1 << 21
 
 #: The per-sample weight gradient of a call is built from patches and a batched
 #: matmul (not the folded grouped conv) when a group has at least 2 outputs and
 #: fewer than ``UNFOLD_CHANNELS`` inputs or the call fewer than ``UNFOLD_POSITIONS``
-#: output positions. Measured on CPU (float32, 2 threads, 57 shapes: 1d/2d/3d,
-#: 1-256 channels, groups 1-128 incl. depthwise, T = 4-2744): 6% more time in all
-#: than always picking the faster form (grouped conv always: 133% more, patches
-#: always: 8% more but 4x slower for depthwise), no pick worse than 1.6x (a
-#: 0.3 ms case); thresholds of 100-150 positions do the same within 0.1%.
+#: output positions (measured: docs/measurements.md).
 UNFOLD_CHANNELS = 8
 UNFOLD_POSITIONS = 128
 
@@ -143,9 +126,9 @@ def _weight_grad(module: nn.Module, x: Tensor, g: Tensor, padding: list[int], pe
 def _patches(module: nn.Module, xp: Tensor) -> Tensor:
     """Explicitly padded ``X`` ``(N, C, *S)`` -> patches ``(N, groups, C/groups * K, T)``.
 
-    Built from strided views and one copy, positions innermost (measured 3-10x
-    faster than ``F.unfold`` and than a positions-major layout). Always contiguous:
-    a strided view (one input channel in 1d) makes CPU matmuls up to 50x slower."""
+    Built from strided views and one copy, positions innermost (faster than
+    ``F.unfold``). Always contiguous: a strided view (one input channel in 1d)
+    makes CPU matmuls much slower."""
     d = _spatial(module)
     u = xp
     for k, (size, step, dil) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
@@ -178,7 +161,7 @@ def _unfolded_weight_grad(module: nn.Module, xp: Tensor, g: Tensor) -> Tensor:
         u = _patches(module, xp[s : s + rows])  # (b, groups, i, T)
         gb = g[s : s + rows].reshape(-1, groups, o, t)
         if i < o:
-            # (U G^T)^T: measured 1.2-1.5x faster for few inputs (CPU matmul), one small copy.
+            # (U G^T)^T: faster for few inputs (CPU matmul), one small copy.
             view[s : s + rows] = torch.matmul(u, gb.transpose(2, 3)).transpose(2, 3)
         else:
             torch.matmul(gb, u.transpose(2, 3), out=view[s : s + rows])
@@ -237,14 +220,6 @@ def use_gram(module: nn.Module, positions: Sequence[int]) -> bool:
     return GRAM_COST * t * t * (i + o) < t * i * o
 
 
-def conv_probe_pays(module: nn.Module, k: int) -> bool:
-    """Whether :meth:`ConvRule.probe` should convolve ``X`` with the ``k`` probe kernels
-    (per group) rather than build the summed gradient. Measured on CPU: the conv
-    form is 1.3-4x faster for ordinary convs and up to 5x slower for one input
-    channel per group (depthwise), where CPU convs with few outputs are slow."""
-    return module.in_channels // module.groups > 1 and module.groups * k <= module.out_channels
-
-
 def _weight_squared_norms(module: nn.Module, calls: Sequence[Call], dtype: torch.dtype, gram: bool | None = None) -> Tensor:
     """``(N,)``: ``||sum_calls per-sample weight grad||^2``, cheapest exact form
     (``gram`` forces one)."""
@@ -264,7 +239,11 @@ def _bias_sum(g: Tensor) -> Tensor:
 
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class ConvRule(Rule):
-    """Per-sample gradients of ``nn.Conv1d/2d/3d`` (and subclasses)."""
+    """Per-sample gradients of a convolution with a weight (``F.conv1d/2d/3d``).
+    ``module``: the op's geometry under ``nn.Conv*``'s attribute names."""
+
+    by_ops = True
+    subclass_forward_ok = True
 
     def per_sample(self, module: nn.Module, calls: Sequence[Call], names: Sequence[str]) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
@@ -272,8 +251,11 @@ class ConvRule(Rule):
             dtype = module.get_parameter(name).dtype
             acc: Tensor | None = None
             for call in calls:
-                x, g, pad = _conv_input(module, call, dtype)
-                t = _per_sample_weight_grad(module, x, g, pad) if name == "weight" else _bias_sum(g)
+                if name == "weight":
+                    x, g, pad = _conv_input(module, call, dtype)
+                    t = _per_sample_weight_grad(module, x, g, pad)
+                else:  # a bias's calls may come from convs of any geometry (tied biases)
+                    t = _bias_sum(call.grad.to(dtype))
                 acc = t if acc is None else acc.add_(t)
             assert acc is not None  # calls is never empty
             out[name] = acc
@@ -290,27 +272,25 @@ class ConvRule(Rule):
                 out[name] = b.square().sum(1)  # type: ignore[union-attr]
         return out
 
-    def weighted_sum(
-        self, module: nn.Module, calls: Sequence[Call], names: Sequence[str], weights: Tensor
-    ) -> dict[str, Tensor]:
-        acc = accumulation_dtype(module.get_parameter(names[0]).dtype)
-        out: dict[str, Tensor] = {}
+    def weighted_sum_into(
+        self, module: nn.Module, calls: Sequence[Call], names: Sequence[str], weights: Tensor, out: dict[str, Tensor]
+    ) -> None:
+        acc = out[names[0]].dtype
         for call in calls:
-            x, g, pad = _conv_input(module, call, acc)
+            if "weight" in names:
+                x, g, pad = _conv_input(module, call, acc)
+            else:  # tied biases may pool convs of different geometry
+                g = call.grad.to(acc)
             w = weights.to(device=g.device, dtype=acc)
             scale = w.reshape(-1, *[1] * (g.dim() - 1))
-            got: dict[str, Tensor] = {}
             if "weight" in names:
                 # (c G) against X == G against (c X): scale the smaller one.
                 if g.numel() <= x.numel():
-                    got["weight"] = _weight_grad(module, x, g * scale, pad, per_sample=False)
+                    out["weight"].add_(_weight_grad(module, x, g * scale, pad, per_sample=False))
                 else:
-                    got["weight"] = _weight_grad(module, x * scale, g, pad, per_sample=False)
+                    out["weight"].add_(_weight_grad(module, x * scale, g, pad, per_sample=False))
             if "bias" in names:
-                got["bias"] = w @ _bias_sum(g)
-            for name, t in got.items():
-                out[name] = t if name not in out else out[name].add_(t)
-        return out
+                out["bias"].addmv_(_bias_sum(g).T, w)
 
     def dots(
         self, module: nn.Module, calls: Sequence[Call], names: Sequence[str], others: dict[str, Tensor]
@@ -318,7 +298,10 @@ class ConvRule(Rule):
         acc = accumulation_dtype(module.get_parameter(names[0]).dtype)
         out: dict[str, Tensor] = {}
         for call in calls:
-            x, g, pad = _conv_input(module, call, acc)
+            if "weight" in names:
+                x, g, pad = _conv_input(module, call, acc)
+            else:
+                g = call.grad.to(acc)
             for name in names:
                 m = others[name].to(device=g.device, dtype=acc)
                 if name == "weight":
@@ -330,56 +313,10 @@ class ConvRule(Rule):
                 out[name] = t if name not in out else out[name] + t
         return out
 
-    def probe(
-        self, module: nn.Module, calls: Sequence[Call], names: Sequence[str], vectors: dict[str, Tensor]
-    ) -> dict[str, Tensor]:
-        acc = accumulation_dtype(module.get_parameter(names[0]).dtype)
-        groups = module.groups
-        k = vectors[names[0]].shape[1]
-        out: dict[str, Tensor] = {}
-        local = list(names)
-        if "weight" in names and not conv_probe_pays(module, k):
-            out.update(super().probe(module, calls, ["weight"], vectors))
-            local.remove("weight")
-        for call in calls:
-            x, g, pad = _conv_input(module, call, acc)
-            n, o = g.shape[:2]
-            for name in local:
-                v = vectors[name].to(device=g.device, dtype=acc)
-                if name == "weight":
-                    # (sum_n,t g_t u_t^T) v = sum_n,t g_t (conv(X, v as k kernels))_t, per group.
-                    per_group = v.T.reshape(k, *module.weight.shape[1:])  # (k, C/groups, *K)
-                    kernels = per_group.repeat(groups, *[1] * (per_group.dim() - 1))
-                    y = _conv(module, x, kernels, pad).reshape(n, groups, k, -1)
-                    t = torch.matmul(g.reshape(n, groups, o // groups, -1), y.transpose(2, 3)).sum(0).reshape(o, k)
-                else:
-                    t = _bias_sum(g).sum(0)[:, None] @ v
-                out[name] = t if name not in out else out[name].add_(t)
-        return out
-
-    def magnitudes(self, module: nn.Module, calls: Sequence[Call], names: Sequence[str]) -> dict[str, Tensor]:
-        acc = accumulation_dtype(module.get_parameter(names[0]).dtype)
-        kernel = module.weight[0, 0].numel()
-        out: dict[str, Tensor] = {}
-        for call in calls:
-            x, g, _ = _conv_input(module, call, acc)  # x holds every value the conv reads
-            gn = torch.linalg.vector_norm(g)
-            for name in names:
-                if name == "weight":
-                    # ||sum of g_t u_t^T terms|| <= ||G|| ||U||, ||U|| <= sqrt(K) ||X padded||.
-                    t = gn * torch.linalg.vector_norm(x) * kernel**0.5
-                else:
-                    # ||sum_t g_t|| <= sqrt(m) ||G|| over m = N * positions terms, which the
-                    # CPU backward sums sequentially (see long_sum_slack).
-                    m = float(g[0, 0].numel() * g.shape[0])
-                    t = gn * m**0.5 * long_sum_slack(m)
-                out[name] = t if name not in out else out[name] + t
-        return out
-
     def can_pool(self, module: nn.Module, other: nn.Module, name: str) -> bool:
         # A bias's gradient is G summed over positions, whatever the geometry; pooled
         # weight calls are computed with ``module``'s geometry, so it must be identical.
-        if not isinstance(other, nn.modules.conv._ConvNd) or other.transposed:
+        if not isinstance(other, ConvGeometry):
             return False
         return name == "bias" or _geometry(other) == _geometry(module)
 
@@ -400,3 +337,47 @@ def _conv(module: nn.Module, x: Tensor, weight: Tensor, padding: list[int]) -> T
     """The module's convolution (stride, dilation, groups) of ``x`` with ``weight``."""
     conv = (F.conv1d, F.conv2d, F.conv3d)[_spatial(module) - 1]
     return conv(x, weight, None, module.stride, padding, module.dilation, module.groups)
+
+
+def _tuple(value: int | Sequence[int], d: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * d
+
+
+class ConvGeometry:
+    """A ``conv{1,2,3}d`` call's arguments under ``nn.Conv*``'s attribute names, for
+    :class:`ConvRule`. ``padding``: ints, tuple, ``"valid"`` or ``"same"`` (uneven
+    ``"same"`` padding puts the extra element on the right, as PyTorch does)."""
+
+    padding_mode = "zeros"
+    transposed = False
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, stride: Any, padding: Any, dilation: Any, groups: int) -> None:
+        d = weight.dim() - 2
+        self.weight = weight
+        self.bias = bias
+        self.kernel_size = tuple(weight.shape[2:])
+        self.stride = _tuple(stride, d)
+        self.dilation = _tuple(dilation, d)
+        self.groups = int(groups)
+        self.out_channels = weight.shape[0]
+        self.in_channels = weight.shape[1] * self.groups
+        if isinstance(padding, str):
+            pairs = [(0, 0)] * d if padding == "valid" else [_same_pair(k, dil) for k, dil in zip(self.kernel_size, self.dilation)]
+        else:
+            pairs = [(p, p) for p in _tuple(padding, d)]
+        self.padding = tuple(a for a, _ in pairs)
+        rev: list[int] = []
+        for a, b in reversed(pairs):
+            rev += [a, b]
+        self._reversed_padding_repeated_twice = rev
+
+    def get_parameter(self, name: str) -> Tensor:
+        return getattr(self, name)
+
+    def key(self) -> tuple[object, ...]:
+        return _geometry(self)  # type: ignore[arg-type]
+
+
+def _same_pair(kernel: int, dilation: int) -> tuple[int, int]:
+    total = dilation * (kernel - 1)
+    return total // 2, total - total // 2

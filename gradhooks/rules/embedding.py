@@ -6,9 +6,9 @@ rows index-added at its indices, ``(V, D)``; rows at ``padding_idx`` get none.
 ``max_norm`` renormalizes rows of ``W`` in place during the forward and leaves
 this gradient as it is; ``sparse=True`` only changes the layout of ``p.grad``.
 
-An index tensor with batch size 1 while N > 1 (position ids ``(1, T)``) is shared
-by the batch: the core expands the output to ``(N, *, D)`` (``broadcast_batch``),
-so ``G`` arrives per sample and the indices are expanded to match.
+Indices that do not depend on the batch (position ids ``arange(T)``) give a
+batch-independent output; its gradient is taken where it meets the batch (see
+:mod:`gradhooks.trace.derive`), never here.
 
 Without materializing, the squared norm of sample n's gradient is
 ``sum_v ||sum_{t: I_nt = v} G_nt||^2``, computed either as the token-equality Gram
@@ -33,13 +33,11 @@ from torch import Tensor, nn
 
 from ..capture import Call
 from ..registry import register_rule
-from ..rule import Rule, accumulation_dtype, long_sum_slack
+from ..rule import CHUNK_ELEMS, Rule, accumulation_dtype
 
-#: Temporaries are built a block of samples at a time, at most this many elements.
-CHUNK_ELEMS = 1 << 24
 #: The Gram form is used while ``T <= GRAM_MAX_T`` positions per sample (pooled
-#: over calls), the grouping form above. Both cost about the same near T = 32 for
-#: D from 16 to 768 on CPU (the Gram form's ``T^2 D`` against ``T D`` plus a sort).
+#: over calls), the grouping form above (``T^2 D`` against ``T D`` plus a sort;
+#: the crossover is measured in docs/measurements.md).
 GRAM_MAX_T = 32
 
 
@@ -49,7 +47,7 @@ def _indices_grads(call: Call, acc: torch.dtype) -> tuple[Tensor, Tensor]:
     g = call.grad
     n, d = g.shape[0], g.shape[-1]
     idx = call.input
-    if idx.shape[0] != n:  # shared by the batch (broadcast_batch)
+    if idx.shape[0] != n:  # one index tensor shared by the batch
         idx = idx.expand(n, *idx.shape[1:])
     t = math.prod(idx.shape[1:])
     return idx.reshape(n, t), g.reshape(n, t, d).to(acc)
@@ -124,9 +122,11 @@ def squared_norms_grouped(idx: Tensor, g: Tensor, padding_idx: int | None, num_r
 
 @register_rule(nn.Embedding)
 class EmbeddingRule(Rule):
-    """Per-sample gradients of ``nn.Embedding`` (and subclasses)."""
+    """Per-sample gradients of a lookup in a weight: ``F.embedding``, ``weight[ids]``.
+    ``module``: ``weight``, ``padding_idx``, ``num_embeddings``."""
 
-    broadcast_batch = True
+    by_ops = True
+    subclass_forward_ok = False
 
     def refuse(self, module: nn.Module) -> str | None:
         if getattr(module, "scale_grad_by_freq", False) and module.weight.requires_grad:
@@ -191,14 +191,6 @@ class EmbeddingRule(Rule):
             out = squared_norms_grouped(idx, g, pad, module.num_embeddings)
         return {"weight": out}
 
-    def weighted_sum(
-        self, module: nn.Module, calls: Sequence[Call], names: Sequence[str], weights: Tensor
-    ) -> dict[str, Tensor]:
-        p = module.get_parameter("weight")
-        out = {"weight": torch.zeros(p.shape, dtype=accumulation_dtype(p.dtype), device=p.device)}
-        self.weighted_sum_into(module, calls, names, weights, out)
-        return out
-
     def weighted_sum_into(
         self,
         module: nn.Module,
@@ -231,35 +223,6 @@ class EmbeddingRule(Rule):
                 out[sl].index_add_(0, sample, per_row)
         return {"weight": out}
 
-    def probe(
-        self, module: nn.Module, calls: Sequence[Call], names: Sequence[str], vectors: dict[str, Tensor]
-    ) -> dict[str, Tensor]:
-        p = module.get_parameter("weight")
-        acc = accumulation_dtype(p.dtype)
-        vec = vectors["weight"].to(acc)
-        out = torch.zeros(p.shape[0], vec.shape[1], dtype=acc, device=p.device)
-        for call in calls:
-            # (sum_n raw_n) v: the rows G v index-added at the indices.
-            idx, g = _indices_grads(call, acc)
-            _, index, rows, keep = _rows(idx, g, module.padding_idx)
-            out.index_add_(0, index, _zero_padding(rows @ vec, keep))
-        return {"weight": out}
-
-    def magnitudes(self, module: nn.Module, calls: Sequence[Call], names: Sequence[str]) -> dict[str, Tensor]:
-        acc = accumulation_dtype(module.get_parameter("weight").dtype)
-        total: Tensor | None = None
-        for call in calls:
-            # sum of the summed rows' norms <= ||G||_F sqrt(rows)
-            idx, g = _indices_grads(call, acc)
-            _, _, rows, keep = _rows(idx, g, module.padding_idx)
-            sq = _zero_padding(torch.linalg.vector_norm(rows, dim=1).square(), keep)
-            count = rows.shape[0] if keep is None else keep.sum()
-            t = sq.sum().sqrt() * torch.as_tensor(count, dtype=acc, device=sq.device).sqrt()
-            t = t * long_sum_slack(idx.numel())  # index_add sums a row's terms sequentially
-            total = t if total is None else total + t
-        assert total is not None  # calls is never empty
-        return {"weight": total}
-
     def can_pool(self, module: nn.Module, other: nn.Module, name: str) -> bool:
-        # Tied Embeddings pool when they treat the same rows as padding.
-        return isinstance(other, nn.Embedding) and other.padding_idx == module.padding_idx
+        # Tied lookups pool when they treat the same rows as padding.
+        return getattr(other, "padding_idx", None) == module.padding_idx

@@ -1,4 +1,4 @@
-"""``nn.Linear``: ``C = X W^T + b`` with ``X: (N, *, i)``, ``C: (N, *, o)``.
+"""Linear uses of a weight: ``C = X W^T + b`` with ``X: (N, *, i)``, ``C: (N, *, o)``.
 
 Sample n's weight gradient is ``G_n^T X_n`` summed over the extra positions
 ``t`` (Goodfellow 2015); its bias gradient is ``sum_t G_nt``.
@@ -22,10 +22,7 @@ from torch import Tensor, nn
 
 from ..capture import Call
 from ..registry import register_rule
-from ..rule import Rule, accumulation_dtype, long_sum_slack, squared_norms_of
-
-#: Temporaries are built a block of samples at a time, at most this many elements.
-CHUNK_ELEMS = 1 << 24
+from ..rule import CHUNK_ELEMS, Rule, accumulation_dtype, squared_norms_of
 
 
 def _xg(call: Call, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -65,7 +62,7 @@ def _weight_squared_norms(x: Tensor, g: Tensor) -> Tensor:
 
 def _row_sq(call: Call, which: str, t: Tensor) -> Tensor:
     """``(N,)`` per-sample sum of squares of the call's ``x`` or ``g`` (memoized)."""
-    key = f"{which}_sq_{t.dtype}"
+    key = f"~{which}_sq_{t.dtype}"
     got = call.memo.get(key)
     if got is None:
         got = squared_norms_of(t)
@@ -73,24 +70,14 @@ def _row_sq(call: Call, which: str, t: Tensor) -> Tensor:
     return got
 
 
-def _rows_xg(call: Call, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """The call's input and output gradient as ``(N * T, i)`` and ``(N * T, o)``."""
-    x, g = call.input, call.grad
-    r = math.prod(g.shape[:-1])  # explicit rows: reshape(-1, 0) is ambiguous
-    x, g = x.reshape(r, x.shape[-1]), g.reshape(r, g.shape[-1])
-    return (x if x.dtype == dtype else x.to(dtype)), (g if g.dtype == dtype else g.to(dtype))
-
-
-def _frobenius(call: Call, which: str, t: Tensor) -> Tensor:
-    """``||t||_F`` of the call's ``x`` or ``g``: from the per-sample sums of squares
-    :func:`_row_sq` memoized when present, else directly (one reduction)."""
-    got = call.memo.get(f"{which}_sq_{t.dtype}")
-    return got.sum().sqrt() if got is not None else torch.linalg.vector_norm(t)
-
-
 @register_rule(nn.Linear)
 class LinearRule(Rule):
-    """Per-sample gradients of ``nn.Linear`` (and subclasses)."""
+    """Per-sample gradients of a linear use of a weight: ``F.linear``, and the
+    products the tracer turns into one (``addmm``/``mm``/``matmul`` with a
+    batch-independent matrix). ``module.weight``/``module.bias``: the tensors used."""
+
+    by_ops = True
+    subclass_forward_ok = True
 
     def per_sample(self, module: nn.Module, calls: Sequence[Call], names: Sequence[str]) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
@@ -154,29 +141,6 @@ class LinearRule(Rule):
                 out[name] = b.square().sum(1)
         return out
 
-    def weighted_sum(
-        self, module: nn.Module, calls: Sequence[Call], names: Sequence[str], weights: Tensor
-    ) -> dict[str, Tensor]:
-        acc = accumulation_dtype(module.get_parameter(names[0]).dtype)
-        out: dict[str, Tensor] = {}
-        for call in calls:
-            x, g = _xg(call, acc)
-            w = weights.to(device=g.device, dtype=acc)
-            got: dict[str, Tensor] = {}
-            if "weight" in names:
-                # (c G)^T X == G^T (c X): scale the narrower one.
-                g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
-                rows = w.repeat_interleave(x.shape[1]) if x.shape[1] > 1 else w
-                if g2.shape[1] <= x2.shape[1]:
-                    got["weight"] = (g2 * rows[:, None]).T @ x2
-                else:
-                    got["weight"] = g2.T @ (x2 * rows[:, None])
-            if "bias" in names:
-                got["bias"] = w @ g.sum(1)
-            for name, t in got.items():
-                out[name] = t if name not in out else out[name].add_(t)
-        return out
-
     def weighted_sum_into(
         self,
         module: nn.Module,
@@ -213,43 +177,6 @@ class LinearRule(Rule):
                 total = t if total is None else total + t
             assert total is not None
             out[name] = total
-        return out
-
-    def probe(
-        self, module: nn.Module, calls: Sequence[Call], names: Sequence[str], vectors: dict[str, Tensor]
-    ) -> dict[str, Tensor]:
-        acc = accumulation_dtype(module.get_parameter(names[0]).dtype)
-        out: dict[str, Tensor] = {}
-        for call in calls:
-            x2, g2 = _rows_xg(call, acc)
-            for name in names:
-                v = vectors[name]
-                if v.dtype != acc:
-                    v = v.to(acc)
-                if name == "weight":
-                    # (sum_n G_n^T X_n) v = G^T (X v), computed as ((X v)^T G)^T: with
-                    # the skinny factor on the left a CPU BLAS is several times faster.
-                    t = ((x2 @ v).T @ g2).T
-                else:
-                    t = g2.sum(0)[:, None] * v  # (sum G) v, v one row: an outer product
-                out[name] = t if name not in out else out[name].add_(t)
-        return out
-
-    def magnitudes(self, module: nn.Module, calls: Sequence[Call], names: Sequence[str]) -> dict[str, Tensor]:
-        # ||G||_F ||X||_F >= sum_nt ||g_nt|| ||x_nt||, the norms of the terms G^T X sums.
-        acc = accumulation_dtype(module.get_parameter(names[0]).dtype)
-        out: dict[str, Tensor] = {}
-        for call in calls:
-            x2, g2 = _rows_xg(call, acc)
-            gn = _frobenius(call, "g", g2)
-            for name in names:
-                if name == "weight":
-                    t = gn * _frobenius(call, "x", x2)
-                else:
-                    t = gn * float(g2.shape[0]) ** 0.5
-                # The backward's GEMM sums N * T rows in blocks, sequentially.
-                t = t * long_sum_slack(g2.shape[0])
-                out[name] = t if name not in out else out[name] + t
         return out
 
     def can_pool(self, module: nn.Module, other: nn.Module, name: str) -> bool:

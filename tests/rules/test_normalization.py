@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradhooks import UnsupportedModuleError, per_sample_grads
-from gradhooks.rules import norms as norms_rule
+from gradhooks.rules import normalization as normalization_rule
 from tests import reference
 from tests.check import check_model
 from tests.hygiene import assert_clean, snapshot
@@ -144,7 +144,7 @@ def test_norm_layers_against_references(case, n, reduction):
 @pytest.mark.parametrize("case", ["layernorm-seq", "groupnorm-tied", "instancenorm2d", "batchnorm1d-eval-seq"])
 def test_blocks_of_one_sample(case, monkeypatch):
     """Every blocked loop run with blocks of a single sample."""
-    monkeypatch.setattr(norms_rule, "CHUNK_ELEMS", 1)
+    monkeypatch.setattr(normalization_rule, "CHUNK_ELEMS", 1)
     _, make, shape, _ = next(c for c in CASES if c[0] == case)
     torch.manual_seed(0)
     check_model(make, ce("sum"), _batch(3, shape), "sum", use_vmap=False)

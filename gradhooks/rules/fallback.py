@@ -89,7 +89,10 @@ class _Replay:
         self.label = label
         leaves, self.spec = pytree.tree_flatten((call.args, call.kwargs))
         self.leaves = leaves
-        self.batched = [i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n]
+        # The tracer knows which inputs carry the batch (in dimension 0).
+        self.batched = call.memo.get("batched_leaves")
+        if self.batched is None:
+            self.batched = [i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n]
         self.n_out = len(call.grads)
         # Output leaves that received a gradient (only floating tensors can).
         self.outs = [i for i, g in enumerate(call.grads) if g is not None]
@@ -242,7 +245,11 @@ class FallbackRule(Rule):
     def weighted_sum(
         self, module: nn.Module, calls: Sequence[Call], names: Sequence[str], weights: Tensor
     ) -> dict[str, Tensor]:
-        """``{name: p.shape}``: ``sum_n weights[n] * raw_n``, float32+. ``weights``: ``(N,)``."""
+        """``{name: p.shape}``: ``sum_n weights[n] * raw_n``, float32+. ``weights``: ``(N,)``.
+        All ones (the exit check's batch sum): one replay that also leaves the squared
+        norms and the rounding scale in the memo."""
+        if bool((weights == 1).all()):
+            return self._reduce_all(module, calls, names)
         out: dict[str, Tensor] = {}
         for start, stop, block, _ in self._blocks(module, calls, names):
             for name in names:
@@ -335,9 +342,8 @@ def _batch_size(calls: Sequence[Call]) -> int:
 
 
 def _memo_key(calls: Sequence[Call]) -> tuple[Any, ...]:
-    """Identifies these calls with these captured gradients (the core replaces
-    ``call.grads`` when it rescales them, which invalidates the memo)."""
-    return ("fallback.squared_norms", tuple(id(c) for c in calls), tuple(id(g) for c in calls for g in c.grads))
+    """Identifies this group of calls (captures are never modified after backward)."""
+    return ("fallback.squared_norms", tuple(id(c) for c in calls))
 
 
 def _empty(module: nn.Module, name: str, n: int) -> Tensor:

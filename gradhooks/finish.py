@@ -1,0 +1,301 @@
+"""The work at a context's exit: validate the recording, put every captured
+tensor's batch first, run the self-check, build the result.
+
+Order: problems found during the forward (a use that could not be attributed,
+one with no rule) -> the batch size -> calls without gradient dropped, batches
+put first -> which site contributes to which parameter -> the self-check ->
+the account (materialized tensors or the captures) -> in the one-backward
+mode with ``materialize=True``, ``p.grad`` written.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import clip, selfcheck
+from . import sites as sites_mod
+from .accounts import Captured, Materialized
+from .capture import Call
+from .distributed import World
+from .errors import BatchLayoutError, ContextStateError, UnseenGradientError, UnsupportedModuleError
+from .hooks import batch_size_error
+from .plan import Plan
+from .recording import Problem, Recording
+from .result import PerSampleGrads
+from .selfcheck import Snapshot
+from .sites import Covered, Site
+from .trace.layout import batch_first, split_batch
+from .trace.tracer import Tracer
+
+__all__ = ["Options", "State", "finish"]
+
+
+@dataclass
+class Options:
+    loss_reduction: str
+    materialize: bool
+    strict: bool
+    fallback: bool
+    one_backward: bool
+    grad_scaler: Any
+    reuse: PerSampleGrads | None
+
+
+@dataclass(eq=False)
+class State:
+    """Everything one open context holds."""
+
+    plan: Plan
+    covered: list[Covered]
+    before: dict[str, Tensor | None]
+    snapshots: dict[str, Snapshot]
+    rec: Recording
+    tracer: Tracer
+    world: World | None
+    depth: int = 0
+    batch_sizes: set[int] = field(default_factory=set)
+    synced: list[bool] = field(default_factory=list)
+    raised: bool = False
+
+    strict: bool = True
+
+    @property
+    def pending_unsupported(self) -> bool:
+        """An unsupported use (strict) or batch statistics, not raised yet."""
+        return not self.raised and any(p.kind == "coupled" or (p.kind == "unsupported" and self.strict) for p in self.rec.problems)
+
+    def unsupported_message(self) -> str:
+        self.raised = True
+        coupled = [p for p in self.rec.problems if p.kind == "coupled"]
+        if coupled:
+            return "per-sample gradients do not exist for this model as run:\n  " + "\n  ".join(sorted({f"{p.label or 'a batch_norm call'}: {p.why}" for p in coupled}))
+        return unsupported_message([p for p in self.rec.problems if p.kind == "unsupported"])
+
+
+def unsupported_message(problems: list[Problem]) -> str:
+    lines = sorted({f"{p.label}: {p.why} (in {p.op})" for p in problems})
+    return (
+        "per-sample gradients cannot be computed exactly for these parameter uses:\n  " + "\n  ".join(lines)
+        + "\nRemedies: pass fallback=True to handle modules without a rule through torch.func (valid "
+        "when the module treats the samples of a batch independently), strict=False to leave these "
+        "modules' direct parameters out, or add a rule with gradhooks.register_rule."
+    )
+
+
+def _raise_problems(state: State, options: Options) -> None:
+    probs = state.rec.problems
+    coupled = [p for p in probs if p.kind == "coupled"]
+    if coupled:
+        lines = sorted({f"{p.label or 'a batch_norm call'}: {p.why}" for p in coupled})
+        raise UnsupportedModuleError("per-sample gradients do not exist for this model as run:\n  " + "\n  ".join(lines))
+    unsupported = [p for p in probs if p.kind == "unsupported"]
+    if unsupported and options.strict:
+        raise UnsupportedModuleError(unsupported_message(unsupported))
+    if state.batch_sizes:
+        raise batch_size_error(state.batch_sizes, state.tracer.n or 0)
+    layout = [p for p in probs if p.kind == "layout"]
+    if layout:
+        lines = sorted({f"{p.label}: {p.why} (in {p.op})" for p in layout})
+        raise BatchLayoutError(
+            "these parameter uses cannot be attributed to the samples of the batch exactly "
+            f"(batch size {state.tracer.n} from the model's input):\n  " + "\n  ".join(lines)
+            + "\nThe batch must stay in one dimension of every tensor that meets a parameter (gradhooks "
+            "follows it through views, transposes and broadcasts); a slice, a reduction or a mix of "
+            "the samples before the use has no per-sample gradient."
+        )
+
+
+def _canonical(call: Call, n: int) -> list[Call]:
+    """A tracer-recorded call with its input and gradients batch first."""
+    canon = call.memo.get("canon")
+    if canon is None:
+        return [call]
+    lin, lout = call.memo["in_layout"], call.memo["out_layout"]
+    x = call.input
+    g = call.grads[0]
+    memo = {k: v for k, v in call.memo.items() if k not in ("in_layout", "out_layout", "canon")}
+    if canon == "split":
+        xs, gs = split_batch(x, lin, n), split_batch(g, lout, n)  # type: ignore[arg-type]
+        out = [Call.of(a, [b], memo) for a, b in zip(xs, gs)]
+    else:
+        if canon == "first_t":
+            xc, gc = batch_first(x, lin, n).transpose(-1, -2), batch_first(g, lout, n).transpose(-1, -2)  # type: ignore[arg-type]
+        else:
+            xc, gc = batch_first(x, lin, n), batch_first(g, lout, n)  # type: ignore[arg-type]
+        out = [Call.of(xc, [gc], memo)]
+    for c in out:
+        c.versions = call.versions
+    return out
+
+
+def _prepare_sites(state: State, n: int) -> list[Site]:
+    sites = list(state.rec.sites.values())
+    for site in sites:
+        site.prune()
+        if not site.module_level:
+            site.calls = [c for call in site.calls for c in _canonical(call, n)]
+    by_src = {id(c.source): c for c in state.covered}
+    for site in sites:
+        for local in site.names:
+            for src in site.chains[local].sources:
+                cov = by_src.get(id(src))
+                if cov is not None and (site, local) not in cov.contributions:
+                    cov.contributions.append((site, local))
+    return sites
+
+
+def _skip(state: State, options: Options) -> list[Covered]:
+    """strict=False: leave out the direct parameters of modules with unsupported uses."""
+    probs = [p for p in state.rec.problems if p.kind == "unsupported"]
+    if not probs:
+        return state.covered
+    if options.one_backward:
+        raise UnsupportedModuleError(
+            unsupported_message(probs) + "\nWith one_backward=True a parameter cannot be left out after its "
+            "other uses ran without backward: use strict=True, or the default mode."
+        )
+    owners = {id(s): state.plan.owners.get(id(s)) for p in probs for s in p.sources}
+    modules = {o[1] for o in owners.values() if o is not None}
+    dropped = {id(p) for m in modules for p in m.parameters(recurse=False)}
+    labels = sorted({o[0] for o in owners.values() if o is not None})
+    warnings.warn(
+        f"per_sample_grads(strict=False): leaving out the direct parameters of {', '.join(labels)} "
+        "(uses without a per-sample rule); they are absent from the result and clip_() leaves their p.grad alone",
+        UserWarning,
+        stacklevel=4,
+    )
+    return [c for c in state.covered if id(c.param) not in dropped]
+
+
+def _guard(sites: list[Site]) -> Any:
+    versions = [(t, v) for s in sites for c in s.calls for t, v in c.versions]
+
+    def check() -> None:
+        changed = [t for t, v in versions if t._version != v]
+        if changed:
+            raise ContextStateError(
+                "a tensor captured by the per_sample_grads context was modified in place after it was "
+                "captured (e.g. x.mul_(...) on the model's input after the block): the results would be "
+                "wrong. Clone it before modifying it, or use the results before."
+            )
+
+    return check
+
+
+def finish(state: State, result: PerSampleGrads, options: Options) -> None:
+    world = state.world
+    try:
+        local = _finish_local(state, result, options)
+    except BaseException:
+        if world is not None:
+            world.any_(True)  # release the other ranks, which raise too
+        raise
+    if world is not None and world.any_(False):
+        raise ContextStateError("per_sample_grads: another rank failed at exit (see its error)")
+    if local is None:
+        return
+    covered, sites, n = local
+    synced = world is not None and bool(state.synced) and state.synced[0]
+    if len(set(state.synced)) > 1:
+        raise ContextStateError("per_sample_grads: some forward passes of the DDP model ran inside no_sync() and some outside; use one or the other")
+    _check(state, covered, sites, options, world if synced else None)
+    _ready(state, result, options, covered, sites, n)
+
+
+def _finish_local(state: State, result: PerSampleGrads, options: Options) -> tuple[list[Covered], list[Site], int] | None:
+    _raise_problems(state, options)
+    n = state.tracer.n
+    covered = _skip(state, options)
+    result._params = {c.name: c.param for c in covered}
+    result._names = list(result._params)
+    sites = _prepare_sites(state, n or 0)
+    if n == 0:
+        return covered, sites, 0  # an empty batch: empty results, backward added zeros
+    if not any(s.live_calls() for s in sites) and not any(c.has_grad for s in sites for c in s.calls):
+        changed = [c.name for c in covered if state.snapshots[c.name].changed(c.param)]
+        if changed:
+            outside = n is None
+            raise UnseenGradientError(
+                f"gradient reached parameter(s) {changed}, but no use of them inside the context received it: "
+                + ("the model's forward ran outside the per_sample_grads context (or not at all); run it inside the with block"
+                   if outside else "they are used where the tracer does not see them")
+            )
+        result._no_backward()
+        return None
+    return covered, sites, n or 0
+
+
+def _check(state: State, covered: list[Covered], sites: list[Site], options: Options, world: World | None) -> None:
+    if state.tracer.n == 0:
+        return
+    try:
+        _verify(state, covered, sites, options, world)
+    except UnseenGradientError as err:
+        if state.rec.notes:
+            where = "; ".join(sorted({f"{label} in {op} ({why})" for label, op, why in state.rec.notes}))
+            raise UnseenGradientError(f"{err}\nParameters combined with a loss already reduced over the batch: {where}.") from None
+        raise
+
+
+def _verify(state: State, covered: list[Covered], sites: list[Site], options: Options, world: World | None) -> None:
+    if options.one_backward:
+        op_level = [c for c in covered if not c.module_level]
+        selfcheck.verify_unchanged(op_level, state.snapshots, outside=False)
+        selfcheck.verify([c for c in covered if c.module_level], state.before, world, module_level_only=True)
+    else:
+        selfcheck.verify(covered, state.before, world)
+        selfcheck.verify_dense_rules(sites)
+
+
+def _ready(state: State, result: PerSampleGrads, options: Options, covered: list[Covered], sites: list[Site], n: int) -> None:
+    scaler = options.grad_scaler
+    scale = float(scaler.get_scale()) if scaler is not None else None
+    unit = (float(n) if options.loss_reduction == "mean" else 1.0) / (scale if scale is not None else 1.0)
+    if options.materialize:
+        tensors = sites_mod.per_sample(covered, n, unit, _reusable(options.reuse, covered, n))
+        account: Any = Materialized(tensors)
+        for site in sites:
+            for call in site.calls:
+                call.release()
+        release = lambda: None  # noqa: E731
+        guard = lambda: None  # noqa: E731
+    else:
+        account = Captured(covered, n, unit)
+        guard = _guard(sites)
+
+        def release() -> None:
+            for site in sites:
+                for call in site.calls:
+                    call.release()
+
+    result._sparse = [c.name for c in covered if any(getattr(s.module, "sparse", False) for s, _ in c.contributions)]
+    result._ready(n, state.before, account, world=state.world, grad_scale=scale, guard=guard, release=release)
+    if options.one_backward and options.materialize:
+        # p.grad := before + the reduction of the per-sample gradients (ours to write here).
+        div = float(n) if options.loss_reduction == "mean" else 1.0
+        op_level = {c.name: c.param for c in covered if not c.module_level}
+        if n and op_level:
+            weights = torch.full((n,), (scale if scale is not None else 1.0) / div, dtype=torch.float64)
+            clip.write_clipped(account, op_level, state.before, weights, sparse=result._sparse)
+
+
+def _reusable(old: PerSampleGrads | None, covered: list[Covered], n: int) -> dict[str, Tensor]:
+    """Buffers taken from ``reuse`` for this result's tensors, by shape/dtype/device."""
+    if old is None or old._state != "ready" or not isinstance(old._account, Materialized):
+        return {}
+    pool: dict[tuple[Any, ...], list[Tensor]] = {}
+    for t in old._account.tensors.values():
+        if t.is_contiguous():
+            pool.setdefault((tuple(t.shape), t.dtype, t.device), []).append(t)
+    old._fail("its tensors were reused by a later per_sample_grads context (reuse=...)")
+    taken = {}
+    for cov in covered:
+        key = ((n, *cov.param.shape), cov.param.dtype, cov.param.device)
+        if pool.get(key):
+            taken[cov.name] = pool[key].pop()
+    return taken

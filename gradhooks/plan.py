@@ -1,0 +1,132 @@
+"""Planning, without hooks: model + options -> what gets covered, and how.
+
+* every parameter with ``requires_grad=True`` is covered, once (a tied
+  parameter under its first name in ``model.named_parameters()``);
+* a module whose rule is a registered module-level rule (``register_rule``)
+  keeps its direct parameters under that rule (a :class:`ModuleSite`); with
+  ``fallback=True`` a module without any rule that owns trainable parameters
+  is a fallback unit with its whole subtree;
+* every other covered parameter is captured per op by the tracer (its
+  :class:`~gradhooks.trace.derive.Source`);
+* refusals: a compiled wrapper, and modules whose rule says per-sample
+  gradients do not exist as configured (BatchNorm in training mode).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .errors import UnsupportedModuleError
+from .registry import rule_for
+from .rule import Rule
+from .trace.derive import Source
+
+__all__ = ["Plan", "ModuleSite", "make_plan", "label_of", "FallbackWarning"]
+
+
+class FallbackWarning(UserWarning):
+    """Modules without a rule are being handled through ``torch.func`` (``fallback=True``)."""
+
+
+def label_of(name: str, module: nn.Module) -> str:
+    """How messages name a module: ``'encoder.0' (Linear)``, or ``the model (Net)``."""
+    return f"'{name}' ({type(module).__name__})" if name else f"the model ({type(module).__name__})"
+
+
+@dataclass(eq=False)
+class ModuleSite:
+    """A module handled as a whole by a module-level rule (or the fallback)."""
+
+    name: str
+    module: nn.Module
+    rule: Rule
+    names: list[str]  # local names of the covered parameters (dotted for a fallback unit)
+    fallback: bool = False
+
+    @property
+    def label(self) -> str:
+        return label_of(self.name, self.module)
+
+
+@dataclass(eq=False)
+class Plan:
+    covered: list[Source] = field(default_factory=list)  # in named_parameters order
+    module_sites: list[ModuleSite] = field(default_factory=list)
+    traced: dict[int, Source] = field(default_factory=dict)  # id(param) -> Source
+    labels: dict[int, str] = field(default_factory=dict)  # id(Source) -> owner label
+    owners: dict[int, tuple[str, nn.Module]] = field(default_factory=dict)  # id(Source) -> (label, module)
+
+    @property
+    def fallback_modules(self) -> list[str]:
+        return [s.name for s in self.module_sites if s.fallback]
+
+
+def _refuse(model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        if type(m).__name__ == "OptimizedModule" and type(m).__module__.startswith("torch._dynamo"):
+            raise UnsupportedModuleError(
+                f"{label_of(name, m)} is a torch.compile'd module: its compiled graph bypasses the "
+                "tracing of the ops inside, so per-sample gradients cannot be captured through "
+                "it. Use the eager module, which shares the parameters: "
+                "per_sample_grads(compiled._orig_mod) and call compiled._orig_mod(x) inside the context."
+            )
+    refused = []
+    for name, m in model.named_modules():
+        rule = rule_for(m)
+        why = rule.refuse(m) if rule is not None else None
+        if why:
+            refused.append(f"{label_of(name, m)}: {why}")
+    if refused:
+        raise UnsupportedModuleError(
+            "per-sample gradients do not exist for this model as configured:\n  " + "\n  ".join(refused)
+        )
+
+
+def make_plan(model: nn.Module, *, fallback: bool) -> Plan:
+    """The plan for ``model`` (raises :class:`UnsupportedModuleError` for refusals)."""
+    _refuse(model)
+    plan = Plan()
+    units: list[str] = []  # prefixes of fallback subtrees
+    for name, m in model.named_modules():
+        if any(name == u or u == "" or name.startswith(u + ".") for u in units):
+            continue
+        own = [n for n, p in m.named_parameters(recurse=False) if p.requires_grad]
+        rule = rule_for(m)
+        if own and rule is not None and not rule.by_ops:
+            plan.module_sites.append(ModuleSite(name, m, rule, own))
+        elif own and rule is None and fallback:
+            from .rules.fallback import FallbackRule
+
+            names = [n for n, p in m.named_parameters() if p.requires_grad]
+            plan.module_sites.append(ModuleSite(name, m, FallbackRule(label_of(name, m)), names, fallback=True))
+            units.append(name)
+    owners: dict[int, tuple[str, nn.Module]] = {}
+    for name, p in reversed(list(model.named_parameters(remove_duplicate=False))):
+        prefix = name.rpartition(".")[0]
+        module = model.get_submodule(prefix)
+        owners[id(p)] = (label_of(prefix, module), module)
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        src = Source(p, name)
+        plan.covered.append(src)
+        plan.labels[id(src)] = owners[id(p)][0] if id(p) in owners else repr(name)
+        if id(p) in owners:
+            plan.owners[id(src)] = owners[id(p)]
+        # Traced everywhere except inside the forward of the module-level rule that
+        # covers it (a weight tied across such a module and others counts both).
+        plan.traced[id(p)] = src
+    if plan.fallback_modules:
+        warnings.warn(
+            "per_sample_grads(fallback=True): computing per-sample gradients through torch.func for "
+            f"{', '.join(s.label for s in plan.module_sites if s.fallback)} (each module with its whole "
+            "subtree; valid when it treats samples independently)",
+            FallbackWarning,
+            stacklevel=4,
+        )
+    return plan
