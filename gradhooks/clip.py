@@ -22,7 +22,7 @@ from .rule import accumulation_dtype
 if TYPE_CHECKING:
     from .distributed import World
 
-__all__ = ["CLIP_EPS", "clip_factors", "gaussian_like", "add_gaussian_", "write_clipped", "write_grads"]
+__all__ = ["CLIP_EPS", "clip_factors", "gaussian_like", "add_gaussian_", "write_clipped", "write_grads", "poison_grads"]
 
 #: Added to each norm before dividing, as in ``torch.nn.utils.clip_grad_norm_``.
 CLIP_EPS = 1e-6
@@ -121,3 +121,13 @@ def write_grads(params: dict[str, nn.Parameter], new: dict[str, Tensor], sparse:
                 p.grad.copy_(t)
             else:
                 p.grad = t
+
+
+def poison_grads(params: dict[str, nn.Parameter]) -> None:
+    """``p.grad := nan``: an overflow a GradScaler must see (its step is skipped)."""
+    with torch.no_grad():
+        for p in params.values():
+            if p.grad is None:
+                p.grad = torch.full_like(p, float("nan"))
+            else:
+                p.grad.fill_(float("nan"))

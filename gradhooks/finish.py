@@ -273,15 +273,32 @@ def _ready(state: State, result: PerSampleGrads, options: Options, covered: list
                 for call in site.calls:
                     call.release()
 
+    result._one_backward = options.one_backward
     result._sparse = [c.name for c in covered if any(getattr(s.module, "sparse", False) for s, _ in c.contributions)]
     result._ready(n, state.before, account, world=state.world, grad_scale=scale, guard=guard, release=release)
-    if options.one_backward and options.materialize:
-        # p.grad := before + the reduction of the per-sample gradients (ours to write here).
+    if options.one_backward:
+        _write_one_backward(state, result, options, covered, account, n, scale)
+
+
+def _write_one_backward(state: State, result: PerSampleGrads, options: Options, covered: list[Covered],
+                        account: Any, n: int, scale: float | None) -> None:
+    """One-backward mode: ``p.grad`` of every covered parameter is ours to write:
+    ``before`` plus, with ``materialize=True``, the per-sample gradients' reduction.
+    (A module-level rule's parameters did get their ordinary backward: it is undone.)"""
+    params = {c.name: c.param for c in covered}
+    if options.materialize and n:
         div = float(n) if options.loss_reduction == "mean" else 1.0
-        op_level = {c.name: c.param for c in covered if not c.module_level}
-        if n and op_level:
-            weights = torch.full((n,), (scale if scale is not None else 1.0) / div, dtype=torch.float64)
-            clip.write_clipped(account, op_level, state.before, weights, sparse=result._sparse)
+        weights = torch.full((n,), (scale if scale is not None else 1.0) / div, dtype=torch.float64)
+        clip.write_clipped(account, params, state.before, weights, sparse=result._sparse)
+        return
+    with torch.no_grad():
+        for c in covered:
+            if c.module_level:
+                prior = state.before.get(c.name)
+                if prior is None:
+                    c.param.grad = None
+                elif c.param.grad is not None:
+                    c.param.grad.copy_(prior)
 
 
 def _reusable(old: PerSampleGrads | None, covered: list[Covered], n: int) -> dict[str, Tensor]:

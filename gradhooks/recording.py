@@ -117,6 +117,8 @@ class Recording:
         if self.one_backward:
             args, kwargs = _detach_sourced(args, kwargs, origins)
         out = func(*args, **kwargs)
+        if self.anchor is not None and isinstance(out, Tensor) and not out.requires_grad and out.is_floating_point():
+            out = Attach.apply(out, self.anchor)  # so that backward still runs (and the error is ours)
         tr.follow(func, args, kwargs, out, batched)
         return out
 

@@ -54,6 +54,7 @@ class PerSampleGrads(Mapping[str, Tensor]):
         self._sparse: list[str] = []
         self._norm_dtype = torch.float32
         self._release_fn: Callable[[], None] = lambda: None
+        self._one_backward = False
 
     # -- lifecycle (called by the context) --------------------------------
 
@@ -233,7 +234,12 @@ class PerSampleGrads(Mapping[str, Tensor]):
         factors = clip.clip_factors(norms, max_norm)
         if bad_anywhere:
             if self._grad_scale is not None:
-                return factors  # GradScaler overflow: p.grad keeps its inf/nan, the scaler skips
+                # GradScaler overflow: p.grad must hold the inf/nan that makes scaler.step
+                # skip and scaler.update lower the scale (backward put it there, unless
+                # it computed no gradient for these parameters: one_backward).
+                if self._one_backward:
+                    clip.poison_grads(self._params)
+                return factors
             where = f"sample(s) {bad}" if bad else "samples of another rank"
             raise NonFiniteNormError(
                 f"clip_: the per-sample gradient norm is not finite for {where}; "

@@ -13,6 +13,9 @@ from tests import reference
 
 TOL = {"rtol": 1e-9, "atol": 1e-12}
 
+#: (materialize, one_backward): every table test runs in all four.
+MODES = [(True, False), (False, False), (True, True), (False, True)]
+
 
 def run(
     model: nn.Module, loss: Callable[..., Tensor], batch: Sequence[Tensor], reduction: str, materialize: bool, **kw: Any
@@ -34,8 +37,10 @@ def check_model(
     use_vmap: bool = True,
     **kw: Any,
 ) -> None:
-    """Materialized grads, norms, param norms, clip_ and dot in both modes, against
-    the naive loop (and torch.func when ``use_vmap``), float64."""
+    """Materialized grads, norms, param norms, clip_ and dot in every mode (:data:`MODES`),
+    against the naive loop (and torch.func when ``use_vmap``), float64. In the
+    one-backward mode with ``materialize=True``, ``p.grad`` after exit is the
+    reduction of the per-sample gradients, as in the default mode."""
     torch.manual_seed(1234)
     model = make_model().double()
     ref = reference.naive(model, loss, *batch)
@@ -49,9 +54,9 @@ def check_model(
     others = {k: torch.randn_like(t[0]) for k, t in ref.items()}
     ref_dot = sum(torch.einsum("n...,...->n", ref[k], others[k]) for k in ref)
 
-    for materialize in (True, False):
+    for materialize, one_backward in MODES:
         model.zero_grad(set_to_none=True)
-        g, added = run(model, loss, batch, reduction, materialize, **kw)
+        g, added = run(model, loss, batch, reduction, materialize, one_backward=one_backward, **kw)
         assert list(g.keys()) == list(ref.keys())
         assert g.batch_size == n
         if materialize:

@@ -122,6 +122,7 @@ def test_model_outputs_unchanged_inside():
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.backward_mode("default")
 def test_hooks_firing_after_exit_do_nothing():
     """Graph built inside, backward outside: the late hooks are inert."""
     model = net()
@@ -163,6 +164,7 @@ def test_module_without_rule_is_handled_by_its_use():
     check_model(make, lambda m, a, b: F.cross_entropy(m(a), b), (x, y), "mean")
 
 
+@pytest.mark.backward_mode("default")
 def test_strict_false_skips_with_one_warning():
     model = nn.Sequential(nn.Linear(4, 4), Unruled(), nn.Linear(4, 3)).double()
     x, y = data()
@@ -296,6 +298,14 @@ def test_batch_independent_output_meets_the_batch():
     check_model(lambda: BroadcastLinear(), lambda m, a, b: F.cross_entropy(m(a), b), (x, y), "mean")
 
 
+def test_strict_false_cannot_skip_in_one_backward_mode():
+    model = nn.Sequential(nn.Linear(4, 4), Unruled(), nn.Linear(4, 3)).double()
+    x, y = data()
+    with pytest.raises(UnsupportedModuleError, match="one_backward=True"):
+        with per_sample_grads(model, strict=False, one_backward=True):
+            step(model, x, y)
+
+
 def test_partial_batch_is_a_batch_size_error_naming_the_module():
     class Sliced(nn.Module):
         def __init__(self) -> None:
@@ -366,6 +376,7 @@ def test_outside_uses_exact_or_an_error_naming_the_parameter(misuse, materialize
     assert "'b.weight'" not in str(info.value)
 
 
+@pytest.mark.backward_mode("default")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("materialize", [True, False])
 def test_cancelling_bias_gradient_is_no_false_alarm(dtype, materialize):
@@ -427,6 +438,7 @@ def test_zero_grad_inside_the_block_is_explained():
             step(model, x, y)
 
 
+@pytest.mark.backward_mode("default")
 def test_autograd_grad_instead_of_backward_is_explained():
     model = net()
     x, y = data()

@@ -51,14 +51,18 @@ def _expected(x, y, per_micro, reduction, max_norm):
     return want, first_norms
 
 
-def _worker(rank: int, init: str, sizes: list[int], out: mp.Queue) -> None:
+def _worker(rank: int, init: str, sizes: list[int], out: mp.Queue, one_backward: bool) -> None:
     try:
         sys.path.insert(0, os.getcwd())
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        from gradhooks import per_sample_grads
+        from gradhooks import GradhooksError
+        from gradhooks import per_sample_grads as psg
+
+        def per_sample_grads(*a, **kw):
+            return psg(*a, one_backward=one_backward, **kw)
 
         lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
         checked = 0
@@ -68,6 +72,16 @@ def _worker(rank: int, init: str, sizes: list[int], out: mp.Queue) -> None:
                     for micro in (1, 2):
                         ddp = DDP(_model())
                         x, y = _data(sum(sizes) * micro)
+                        if sync and one_backward:
+                            # DDP's reducer would wait for gradients this mode never computes.
+                            try:
+                                with per_sample_grads(ddp, loss_reduction=reduction):
+                                    _loss(reduction)(ddp, x[lo:hi], y[lo:hi]).backward()
+                                raise AssertionError("one_backward without no_sync() should be refused")
+                            except GradhooksError as err:
+                                assert "no_sync" in str(err), str(err)
+                            checked += 1
+                            continue
                         for m in range(micro):
                             off = m * sum(sizes)
                             xs, ys = x[off + lo : off + hi], y[off + lo : off + hi]
@@ -93,14 +107,17 @@ def _worker(rank: int, init: str, sizes: list[int], out: mp.Queue) -> None:
             xs[0, 0] = float("nan")
         with ddp.no_sync(), per_sample_grads(ddp) as g:
             _loss("mean")(ddp, xs, y[lo:hi]).backward()
-        before = [p.grad.clone() for p in ddp.parameters()]
+        before = [None if p.grad is None else p.grad.clone() for p in ddp.parameters()]
         try:
             g.clip_(1.0)
             raise AssertionError("clip_ should have raised")
         except FloatingPointError as err:
             assert ("sample(s) [0]" in str(err)) == (rank == 1), str(err)
         for b, p in zip(before, ddp.parameters()):
-            torch.testing.assert_close(p.grad, b, rtol=0, atol=0, equal_nan=True)
+            if b is None:
+                assert p.grad is None
+            else:
+                torch.testing.assert_close(p.grad, b, rtol=0, atol=0, equal_nan=True)
         # DP-SGD: clipping + noise drawn once (rank 0's generator), global divisor
         from gradhooks.privacy import privatize_
 
@@ -128,11 +145,11 @@ def _worker(rank: int, init: str, sizes: list[int], out: mp.Queue) -> None:
 
 
 @pytest.mark.parametrize("sizes", [[3, 3], [2, 5]], ids=["equal", "unequal"])
-def test_ddp_clip_matches_single_process(tmp_path, sizes):
+def test_ddp_clip_matches_single_process(tmp_path, sizes, backward_mode):
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     init = f"file://{tmp_path / 'rendezvous'}"
-    procs = [ctx.Process(target=_worker, args=(r, init, sizes, out)) for r in range(WORLD)]
+    procs = [ctx.Process(target=_worker, args=(r, init, sizes, out, backward_mode == "one")) for r in range(WORLD)]
     for p in procs:
         p.start()
     results = []
