@@ -5,4 +5,4 @@ checks and :func:`gradhooks.rule_for`); the tracer applies them per op.
 ``fallback`` holds the ``torch.func`` fallback, used only with ``fallback=True``.
 """
 
-from . import attention, conv, dense, embedding, linear, normalization  # noqa: F401
+from . import attention, conv, dense, embedding, linear, normalization, recurrent  # noqa: F401

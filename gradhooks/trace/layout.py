@@ -43,6 +43,7 @@ __all__ = [
     "broadcast",
     "reduce",
     "insert_dims",
+    "with_rows",
 ]
 
 
@@ -76,6 +77,14 @@ class Layout:
     def __repr__(self) -> str:
         extra = "" if self.plain else (f", rows={tuple(self.rows.shape)}" if self.rows is not None else f", outer={self.outer}, inner={self.inner}")
         return f"Layout(dim={self.dim}{extra})"
+
+
+def with_rows(dim: int, rows: Tensor, n: int) -> Layout:
+    """``Layout(dim, rows=rows)``, or the plain layout when the rows are the samples
+    in order (a permutation undone)."""
+    if rows.numel() == n and torch.equal(rows, torch.arange(n, device=rows.device)):
+        return Layout(dim)
+    return Layout(dim, rows=rows)
 
 
 class Whole:

@@ -26,7 +26,7 @@ from torch import Tensor
 from . import layout as L
 from .layout import WHOLE, AnyLayout, Layout, Opaque, Whole
 
-__all__ = ["classify", "propagate", "name_of", "META_NAMES", "FREE_NAMES"]
+__all__ = ["classify", "propagate", "name_of", "register_family", "META_NAMES", "FREE_NAMES"]
 
 Propagator = Callable[[Any, tuple[Any, ...], dict[str, Any], Any, dict[int, AnyLayout], int], Any]
 
@@ -346,7 +346,8 @@ def _norm_batch0(func, args, kwargs, out, batched, n):
 
 
 def _cat(func, args, kwargs, out, batched, n):
-    tensors = list(_arg(args, kwargs, 0, "tensors"))
+    # torch.cat skips 1-d empty tensors (the legacy placeholder of an empty cache)
+    tensors = [t for t in _arg(args, kwargs, 0, "tensors") if not (t.dim() == 1 and t.numel() == 0)]
     dim = _arg(args, kwargs, 1, "dim", 0)
     name = name_of(func)
     ndim = tensors[0].dim()
@@ -386,12 +387,16 @@ def _index_select(func, args, kwargs, out, batched, n):
     lay_t, lay_i = batched.get(id(t)), batched.get(id(idx))
     if isinstance(lay_t, (Opaque, Whole)):
         return lay_t
-    if lay_t is not None and lay_i is None:
+    if lay_t is not None and (lay_i is None or dim == lay_t.dim):
+        # Along the batch dimension only the index's values matter (they name the
+        # rows taken), even when they were computed from the batch (a sort of lengths).
         if dim != lay_t.dim:
             return lay_t
-        if not lay_t.plain or idx.dim() != 1:
+        if idx.dim() != 1 or not (lay_t.plain or lay_t.rows is not None):
             return Opaque("index_select along a merged batch dimension")
-        return Layout(dim, rows=idx.to(torch.long))  # row r is sample idx[r]
+        idx = idx.to(torch.long)
+        # row r is the sample of input row idx[r]
+        return L.with_rows(dim, idx if lay_t.rows is None else lay_t.rows[idx], n)
     if lay_t is None and isinstance(lay_i, Layout) and lay_i.plain and idx.dim() == 1:
         return Layout(dim)
     return lay_i if isinstance(lay_i, (Opaque, Whole)) else Opaque("index_select with a batched index")
@@ -486,6 +491,13 @@ _register(["cross_entropy", "nll_loss", "mse_loss", "l1_loss", "smooth_l1_loss",
 _register(["contiguous", "clone", "detach", "to", "float", "double", "half", "bfloat16", "int", "long", "bool", "byte",
            "char", "short", "type", "type_as", "cpu", "cuda", "requires_grad_", "pin_memory", "__get__data",
            "one_hot"], _same)
+
+
+def register_family(names: Sequence[str], prop: Propagator) -> None:
+    """Propagate the batch through the functions called ``names`` with ``prop``
+    (a handler module adds the layouts of the ops it owns)."""
+    _register(names, prop)
+    _CACHE.clear()
 
 
 def _opaque_of(name: str) -> Propagator:

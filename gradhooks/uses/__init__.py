@@ -4,4 +4,4 @@ Importing this package registers the handlers with the tracer
 (:data:`gradhooks.trace.tracer.HANDLERS`).
 """
 
-from . import conv, elementwise, embedding, linear, normalization  # noqa: F401
+from . import conv, elementwise, embedding, linear, normalization, recurrent  # noqa: F401

@@ -225,7 +225,7 @@ def attention_mask(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[st
 def concatenate(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], batched: dict[int, AnyLayout], origins: dict[int, Origin]) -> Any:
     """``cat([cls.expand(N, 1, D), x], 1)``: the expanded operand becomes ``cls``
     expanded by us."""
-    tensors = list(arg(args, kwargs, 0, "tensors"))
+    tensors = [t for t in arg(args, kwargs, 0, "tensors") if not (t.dim() == 1 and t.numel() == 0)]
     dim = arg(args, kwargs, 1, "dim", 0)
     stack = func is torch.stack
     ndim = tensors[0].dim() + (1 if stack else 0)
