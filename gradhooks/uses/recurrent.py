@@ -219,7 +219,7 @@ def _cell_canonical(call: Call, n: int) -> list[Call]:
 
 @register_handler(torch._VF.lstm_cell, torch._VF.gru_cell, torch._VF.rnn_tanh_cell, torch._VF.rnn_relu_cell)
 def cell(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], batched: dict[int, AnyLayout], origins: dict[int, Origin]) -> Any:
-    rec, n = tr.rec, tr.n or 0
+    rec = tr.rec
     x, hx = args[0], args[1]
     weights = [w for w in args[2:6] if isinstance(w, Tensor)]
     lay = batched.get(id(x))
