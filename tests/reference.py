@@ -23,20 +23,31 @@ def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return {k: p for k, p in model.named_parameters() if p.requires_grad}
 
 
-def naive(model: nn.Module, loss: Loss, *batch: Tensor, shared: Sequence[Any] = ()) -> dict[str, Tensor]:
+def naive(model: nn.Module, loss: Loss, *batch: Tensor, shared: Sequence[Any] = (), via_backward: bool = False) -> dict[str, Tensor]:
     """One ``torch.autograd.grad`` per sample: ``{name: (N, *p.shape)}``.
 
     ``batch`` tensors are sliced per sample; ``shared`` arguments are passed whole.
+    ``via_backward``: one ``backward()`` per sample instead (what a reentrant
+    checkpoint needs); ``p.grad`` is restored afterwards.
     """
     params = trainable(model)
     n = batch[0].shape[0]
     out: dict[str, list[Tensor]] = {k: [] for k in params}
+    saved = {k: p.grad for k, p in params.items()}
     for i in range(n):
         sample = [b[i : i + 1] for b in batch]
         value = loss(model, *sample, *shared)
-        grads = torch.autograd.grad(value, list(params.values()), allow_unused=True)
+        if via_backward:
+            for p in params.values():
+                p.grad = None
+            value.backward()
+            grads = [p.grad for p in params.values()]
+        else:
+            grads = torch.autograd.grad(value, list(params.values()), allow_unused=True)
         for (k, p), g_ in zip(params.items(), grads):
             out[k].append(torch.zeros_like(p) if g_ is None else g_)
+    for k, p in params.items():
+        p.grad = saved[k]
     return {k: torch.stack(v) for k, v in out.items()}
 
 

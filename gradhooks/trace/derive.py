@@ -25,7 +25,6 @@ forward and the exit of a context).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any, Union
 
@@ -169,12 +168,18 @@ class Chain:
         index = self.flat_index()
         if index is not None and len(self.sources) == 1:
             return v[id(self.sources[0])].reshape(-1)[index]
-        env = self._env()
-        tangents = {k: v.get(k, torch.zeros_like(t)).to(t.dtype) for k, t in env.items()}
-        with warnings.catch_warnings():
-            # torch's first forward-mode use scripts decompositions, with a deprecation notice
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            return torch.func.jvp(self._fn(), (env,), (tangents,))[1]
+        # J v by reverse-over-reverse (d/du <J^T u, v>): every op with a double
+        # backward supports it, where forward-mode AD misses some (weight norm).
+        with torch.enable_grad():
+            env = {k: t.detach().requires_grad_() for k, t in self._env().items()}
+            c = self._fn()(env)
+            u = torch.zeros_like(c, requires_grad=True)
+            keys = list(env)
+            grads = torch.autograd.grad(c, [env[k] for k in keys], u, create_graph=True, allow_unused=True)
+            dot = sum((g * v[k].to(g.dtype)).sum() for k, g in zip(keys, grads) if g is not None and k in v)
+            if not isinstance(dot, Tensor) or not dot.requires_grad:
+                return torch.zeros_like(c).detach()
+            return torch.autograd.grad(dot, u)[0].detach()
 
     def _dtype(self) -> torch.dtype:
         return self.sources[0].param.dtype
