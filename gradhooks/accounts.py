@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -29,8 +30,9 @@ class Account:
         """``{name: (N,)}``, float32+."""
         raise NotImplementedError
 
-    def weighted_sums(self, weights: Tensor, names: Sequence[str], out: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-        """``{name: sum_n weights[n] g[name][n]}`` (float32+), added into ``out`` if given."""
+    def weighted_sums(self, weights: Tensor, names: Sequence[str], out: dict[str, Any] | None = None) -> dict[str, Tensor]:
+        """``{name: sum_n weights[n] g[name][n]}`` (float32+), added into ``out`` if given
+        (``None`` entries: fresh buffers, which the account may replace)."""
         raise NotImplementedError
 
     def dots(self, others: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -41,21 +43,23 @@ class Account:
 class Captured(Account):
     """From the captured inputs and output gradients (``materialize=False``)."""
 
-    def __init__(self, covered: Sequence[Covered], n: int, unit: float) -> None:
+    def __init__(self, covered: Sequence[Covered], n: int, unit: float, groups: Sequence[Any] = ()) -> None:
         self.covered = list(covered)
         self.by_name = {c.name: c for c in self.covered}
         self.n = n
         self.unit = unit
+        self.groups = list(groups)  # stacked layers of equal shapes (gradhooks.stacking)
 
     def squared_norms(self) -> dict[str, Tensor]:
-        got = sites.squared_norms(self.covered, self.n)
+        got = sites.squared_norms(self.covered, self.n, self.groups)
         u2 = self.unit * self.unit
         return {k: v * u2 if u2 != 1.0 else v for k, v in got.items()}
 
     def weighted_sums(self, weights: Tensor, names: Sequence[str], out: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         chosen = [self.by_name[k] for k in names]
         raw = weights * self.unit if self.unit != 1.0 else weights
-        return sites.weighted_sums(chosen, raw, out)
+        groups = self.groups if len(chosen) == len(self.covered) else ()
+        return sites.weighted_sums(chosen, raw, out, groups)
 
     def dots(self, others: dict[str, Tensor]) -> dict[str, Tensor]:
         got = sites.dots(self.covered, others, self.n)

@@ -21,6 +21,7 @@ fire, so the hook goes on the view's base instead.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -66,8 +67,13 @@ class Call:
         self.out_meta = [(o.shape, o.dtype, o.device) if isinstance(o, Tensor) else None for o in outputs]
         self.batch_size = int(x.shape[0]) if x is not None and x.dim() > 0 else None
         self.memo: dict[str, Any] = {}
-        #: ``(tensor, version)`` of captured inputs that must not change before exit.
-        self.versions: list[tuple[Tensor, int]] = []
+        #: ``(weakref to tensor, version)`` of captured inputs that must not change.
+        self.versions: list[tuple[Any, int]] = []
+
+    def keep_version(self, t: Tensor) -> None:
+        """Remember ``t``'s version counter: an in-place change of it after the call
+        would make the results wrong (checked before every query)."""
+        self.versions.append((weakref.ref(t), t._version))
 
     @property
     def input(self) -> Tensor:

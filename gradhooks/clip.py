@@ -52,16 +52,21 @@ def add_gaussian_(params: Iterable[Tensor], std: float, generator: torch.Generat
                 p.grad.add_(z.to(p.grad.dtype))
 
 
-def _buffers(params: dict[str, nn.Parameter], before: dict[str, Tensor | None]) -> dict[str, Tensor]:
+def _buffers(params: dict[str, nn.Parameter], before: dict[str, Tensor | None]) -> dict[str, Tensor | None]:
     """Per parameter a float32+ buffer holding ``before``: ``p.grad`` itself where
-    its dtype and layout allow (no temporary of the parameter's size)."""
-    out = {}
+    its dtype and layout allow (no temporary of the parameter's size); ``None`` where
+    there is neither a ``p.grad`` nor a ``before`` (the account allocates, or hands
+    over a result it already has)."""
+    out: dict[str, Tensor | None] = {}
     for name, p in params.items():
         acc = accumulation_dtype(p.dtype)
         grad = p.grad
+        prior = before.get(name)
+        if grad is None and prior is None:
+            out[name] = None
+            continue
         in_place = grad is not None and not grad.is_sparse and grad.dtype == acc and grad.shape == p.shape and grad.is_contiguous()
         buf = grad if in_place else torch.empty(p.shape, dtype=acc, device=p.device)
-        prior = before.get(name)
         if prior is None:
             buf.zero_()
         else:
@@ -89,7 +94,7 @@ def write_clipped(
     with torch.no_grad():
         if world is None:
             bufs = _buffers(params, before)
-            account.weighted_sums(weights, names, bufs)
+            account.weighted_sums(weights, names, bufs)  # fills in the None entries
             if noise_std > 0:
                 for name in names:
                     bufs[name].add_(gaussian_like(params[name], noise_std, generator).to(bufs[name].dtype))

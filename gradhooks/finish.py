@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import clip, selfcheck
+from . import clip, selfcheck, stacking
 from . import sites as sites_mod
 from .accounts import Captured, Materialized
 from .capture import Call
@@ -175,10 +175,10 @@ def _skip(state: State, options: Options) -> list[Covered]:
 
 
 def _guard(sites: list[Site]) -> Any:
-    versions = [(t, v) for s in sites for c in s.calls for t, v in c.versions]
+    versions = [(r, v) for s in sites for c in s.calls for r, v in c.versions]
 
     def check() -> None:
-        changed = [t for t, v in versions if t._version != v]
+        changed = [t for t, v in ((r(), v) for r, v in versions) if t is not None and t._version != v]
         if changed:
             raise ContextStateError(
                 "a tensor captured by the per_sample_grads context was modified in place after it was "
@@ -267,7 +267,7 @@ def _ready(state: State, result: PerSampleGrads, options: Options, covered: list
         release = lambda: None  # noqa: E731
         guard = lambda: None  # noqa: E731
     else:
-        account = Captured(covered, n, unit)
+        account = Captured(covered, n, unit, stacking.compact(sites))
         guard = _guard(sites)
 
         def release() -> None:

@@ -1,10 +1,11 @@
 """The module hooks a context installs (all removed at exit by the context).
 
-* On the model, and on every module that directly owns a covered parameter: a
-  pre-hook and an always-called forward hook that track the call depth. The
-  outermost call is the model's own input: its batch size is N, and its
-  tensors of batch size N are marked batched in dimension 0. When that call
-  ends, a use the library cannot handle (``strict=True``) is raised.
+* On the model: a pre-hook and an always-called forward hook that track the
+  call depth. The outermost call's input is the batch: its batch size is N,
+  and its tensors of batch size N are marked batched in dimension 0. When that
+  call ends, a use the library cannot handle (``strict=True``) is raised.
+* On every module whose rule can refuse its configuration (BatchNorm): a check
+  at each call (a frozen BatchNorm switched to training mode inside).
 * On a module with a module-level rule (``register_rule``, a fallback unit):
   a forward hook that records the call and hooks its outputs' gradients.
 
@@ -22,9 +23,7 @@ from torch.utils import _pytree as pytree
 
 from .capture import Call, GradHook, detach_tree, hook_target
 from .errors import BatchSizeError, UnsupportedModuleError
-from .plan import ModuleSite, label_of
-from .registry import rule_for
-from .rule import Rule
+from .plan import ModuleSite
 from .sites import Site
 from .trace.derive import Chain
 from .trace.layout import Layout, Opaque, Whole
@@ -204,10 +203,19 @@ def _ours(hook: object) -> bool:
 
 
 def already_active(model: nn.Module) -> bool:
-    for m in model.modules():
-        for d in (m._forward_hooks, m._forward_pre_hooks):
-            if any(_ours(h) for h in d.values()):
-                return True
+    """Whether ``model`` (or a module inside it, or one containing it) is inside an
+    open context: one of its parameters is traced by an active tracer of ours on
+    this thread's torch function mode stack, or it carries our hooks."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    from .trace.tracer import Tracer
+
+    tracers = [m for m in _get_current_function_mode_stack() if isinstance(m, Tracer) and m.rec.active]
+    if tracers and any(id(p) in t.sources for t in tracers for p in model.parameters()):
+        return True
+    for d in (model._forward_hooks, model._forward_pre_hooks):
+        if any(_ours(h) for h in d.values()):
+            return True
     return False
 
 
@@ -215,15 +223,10 @@ def install(model: nn.Module, state: State, options: Options) -> None:
     """Register every hook of the context (handles kept on ``state.rec``)."""
     rec = state.rec
     plan = state.plan
-    depth_modules = [model] + [m for m in model.modules() if m is not model and any(
-        id(p) in plan.traced or any(p is s.param for s in plan.covered) for p in m.parameters(recurse=False) if p.requires_grad)]
-    for m in depth_modules:
-        rec.keep(m.register_forward_pre_hook(_Enter(state), with_kwargs=True))
-        rec.keep(m.register_forward_hook(_Leave(state), with_kwargs=True, always_call=True))
-    for name, m in model.named_modules():
-        rule = rule_for(m)
-        if rule is not None and type(rule).refuse is not Rule.refuse:
-            rec.keep(m.register_forward_pre_hook(_Refuse(state, label_of(name, m), rule)))
+    rec.keep(model.register_forward_pre_hook(_Enter(state), with_kwargs=True))
+    rec.keep(model.register_forward_hook(_Leave(state), with_kwargs=True, always_call=True))
+    for label, m, rule in plan.refusable:
+        rec.keep(m.register_forward_pre_hook(_Refuse(state, label, rule)))
     by_id = {id(s.param): s for s in plan.covered}
     for spec in plan.module_sites:
         chains = {local: Chain(by_id[id(spec.module.get_parameter(local))]) for local in spec.names}

@@ -58,61 +58,55 @@ class Plan:
     traced: dict[int, Source] = field(default_factory=dict)  # id(param) -> Source
     labels: dict[int, str] = field(default_factory=dict)  # id(Source) -> owner label
     owners: dict[int, tuple[str, nn.Module]] = field(default_factory=dict)  # id(Source) -> (label, module)
+    refusable: list[tuple[str, nn.Module, Rule]] = field(default_factory=list)  # rules that can refuse
 
     @property
     def fallback_modules(self) -> list[str]:
         return [s.name for s in self.module_sites if s.fallback]
 
 
-def _refuse(model: nn.Module) -> None:
-    for name, m in model.named_modules():
-        if type(m).__name__ == "OptimizedModule" and type(m).__module__.startswith("torch._dynamo"):
-            raise UnsupportedModuleError(
-                f"{label_of(name, m)} is a torch.compile'd module: its compiled graph bypasses the "
-                "tracing of the ops inside, so per-sample gradients cannot be captured through "
-                "it. Use the eager module, which shares the parameters: "
-                "per_sample_grads(compiled._orig_mod) and call compiled._orig_mod(x) inside the context."
-            )
-    refused = []
-    for name, m in model.named_modules():
-        rule = rule_for(m)
-        why = rule.refuse(m) if rule is not None else None
-        if why:
-            refused.append(f"{label_of(name, m)}: {why}")
-    if refused:
+def _compiled(name: str, m: nn.Module) -> None:
+    if type(m).__name__ == "OptimizedModule" and type(m).__module__.startswith("torch._dynamo"):
         raise UnsupportedModuleError(
-            "per-sample gradients do not exist for this model as configured:\n  " + "\n  ".join(refused)
+            f"{label_of(name, m)} is a torch.compile'd module: its compiled graph bypasses the "
+            "tracing of the ops inside, so per-sample gradients cannot be captured through "
+            "it. Use the eager module, which shares the parameters: "
+            "per_sample_grads(compiled._orig_mod) and call compiled._orig_mod(x) inside the context."
         )
 
 
 def make_plan(model: nn.Module, *, fallback: bool) -> Plan:
     """The plan for ``model`` (raises :class:`UnsupportedModuleError` for refusals)."""
-    _refuse(model)
     plan = Plan()
     units: list[str] = []  # prefixes of fallback subtrees
-    for name, m in model.named_modules():
-        if any(name == u or u == "" or name.startswith(u + ".") for u in units):
-            continue
-        own = [n for n, p in m.named_parameters(recurse=False) if p.requires_grad]
+    refused = []
+    owners: dict[int, tuple[str, nn.Module]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        _compiled(name, m)
         rule = rule_for(m)
-        if own and rule is not None and not rule.by_ops:
-            plan.module_sites.append(ModuleSite(name, m, rule, own))
-        elif own and rule is None and fallback:
+        if rule is not None and type(rule).refuse is not Rule.refuse:
+            why = rule.refuse(m)
+            if why:
+                refused.append(f"{label_of(name, m)}: {why}")
+            plan.refusable.append((label_of(name, m), m, rule))
+        own = [(n, p) for n, p in m.named_parameters(recurse=False) if p.requires_grad]
+        for _, p in own:
+            owners.setdefault(id(p), (label_of(name, m), m))
+        if not own or any(name == u or u == "" or name.startswith(u + ".") for u in units):
+            continue
+        if rule is not None and not rule.by_ops:
+            plan.module_sites.append(ModuleSite(name, m, rule, [n for n, _ in own]))
+        elif rule is None and fallback:
             from .rules.fallback import FallbackRule
 
             names = [n for n, p in m.named_parameters() if p.requires_grad]
             plan.module_sites.append(ModuleSite(name, m, FallbackRule(label_of(name, m)), names, fallback=True))
             units.append(name)
-    owners: dict[int, tuple[str, nn.Module]] = {}
-    for name, p in reversed(list(model.named_parameters(remove_duplicate=False))):
-        prefix = name.rpartition(".")[0]
-        module = model.get_submodule(prefix)
-        owners[id(p)] = (label_of(prefix, module), module)
-    seen: set[int] = set()
-    for name, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:
+    if refused:
+        raise UnsupportedModuleError("per-sample gradients do not exist for this model as configured:\n  " + "\n  ".join(dict.fromkeys(refused)))
+    for name, p in model.named_parameters():  # tied parameters once, under their first name
+        if not p.requires_grad:
             continue
-        seen.add(id(p))
         src = Source(p, name)
         plan.covered.append(src)
         plan.labels[id(src)] = owners[id(p)][0] if id(p) in owners else repr(name)

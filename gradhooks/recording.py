@@ -66,12 +66,6 @@ class Recording:
 
     # -- sites ---------------------------------------------------------------------
 
-    def site(self, key: Any, make: Callable[[], Site]) -> Site:
-        site = self.sites.get(key)
-        if site is None:
-            site = self.sites[key] = make()
-        return site
-
     def label_of(self, origin: Origin) -> str:
         srcs = [origin] if isinstance(origin, Source) else origin.sources()
         names = []

@@ -43,7 +43,7 @@ class Site:
 
     rule: Rule
     module: Any
-    label: str
+    labeler: Any  # the site's label, or a callable giving it (computed when a message needs it)
     names: list[str]
     chains: dict[str, Chain]
     calls: list[Call] = field(default_factory=list)
@@ -52,6 +52,12 @@ class Site:
     #: default mode: per local name, the origin of the tensor the op used and the
     #: gradient autograd sent to it through this site.
     tracked: dict[str, tuple[Any, Tensor]] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        if callable(self.labeler):
+            self.labeler = self.labeler()
+        return self.labeler
 
     @property
     def refusable(self) -> bool:
@@ -211,9 +217,21 @@ def _disjoint(pools: list[Pool]) -> bool:
     return True
 
 
-def squared_norms(covered: Sequence[Covered], n: int) -> dict[str, Tensor]:
+def _stacked(groups: Sequence[Any], kind: str, *args: Any) -> dict[int, dict[str, Tensor]]:
+    """Results of stacked groups (:mod:`gradhooks.stacking`) by ``id(site)``."""
+    out: dict[int, dict[str, Tensor]] = {}
+    for group in groups:
+        p = group.sites[0].module.get_parameter(group.sites[0].names[0])
+        acc = accumulation_dtype(p.dtype)
+        out.update(group.squared_norms(acc) if kind == "norms" else group.weighted_sums(args[0], acc))
+    return out
+
+
+def squared_norms(covered: Sequence[Covered], n: int, groups: Sequence[Any] = ()) -> dict[str, Tensor]:
     """``{name: (N,)}`` squared norms of the raw per-sample gradients, float32+."""
     by_name, cache = _all_pools(covered)
+    for site_id, got in _stacked(groups, "norms").items():
+        cache.done[site_id] = got
     out: dict[str, Tensor] = {}
     for cov in covered:
         pools = by_name[cov.name]
@@ -231,15 +249,23 @@ def squared_norms(covered: Sequence[Covered], n: int) -> dict[str, Tensor]:
     return out
 
 
-def weighted_sums(covered: Sequence[Covered], weights: Tensor, out: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+def weighted_sums(covered: Sequence[Covered], weights: Tensor, out: dict[str, Tensor | None] | None = None,
+                  groups: Sequence[Any] = ()) -> dict[str, Tensor]:
     """``{name: p.shape}``: ``sum_n weights[n] * raw_n``, float32+. With ``out``, added
-    into those tensors in place (``clip_`` writes straight into ``p.grad``)."""
-    result: dict[str, Tensor] = {} if out is None else out
+    into those tensors in place (``clip_`` writes straight into ``p.grad``); an entry
+    of ``None`` is a fresh buffer, which a stacked group's result may simply become."""
+    result: dict[str, Any] = {} if out is None else out
     by_name, cache = _all_pools(covered)
+    stacked = _stacked(groups, "sums", weights)
+    for cov in covered:
+        pools = by_name[cov.name]
+        if result.get(cov.name) is None and len(pools) == 1 and pools[0].alone and id(pools[0].site) in stacked:
+            result[cov.name] = stacked[id(pools[0].site)][pools[0].local]  # a view of the group's result
+            pools.clear()
     targets: dict[tuple[int, str], Tensor] = {}
     for cov in covered:
         p = cov.param
-        if cov.name not in result:
+        if result.get(cov.name) is None:
             result[cov.name] = torch.zeros(p.shape, dtype=accumulation_dtype(p.dtype), device=p.device)
         for pool in by_name[cov.name]:
             if pool.chain.identity:
@@ -248,7 +274,9 @@ def weighted_sums(covered: Sequence[Covered], weights: Tensor, out: dict[str, Te
         target = result[cov.name]
         for pool in by_name[cov.name]:
             rule, module = pool.site.rule, pool.site.module
-            if pool.chain.identity:
+            if pool.alone and id(pool.site) in stacked:
+                target.add_(stacked[id(pool.site)][pool.local].to(target.dtype))
+            elif pool.chain.identity:
                 site_id = id(pool.site)
 
                 def into(names: list[str], pool: Pool = pool, site_id: int = site_id, target: Tensor = target) -> dict[str, None]:

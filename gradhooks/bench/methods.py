@@ -155,6 +155,37 @@ def prepare_gradhooks_ghost(case: Case, cap: int) -> Runner:
     return Runner(step, lambda norms: Outcome(norms=norms, clipped=_grads(model)), model)
 
 
+def prepare_gradhooks_1bw(case: Case, cap: int) -> Runner:
+    """Materialized, one backward: backward computes no weight gradient; p.grad is the
+    per-sample gradients' mean, written at exit."""
+    from gradhooks import per_sample_grads
+
+    model = copy.deepcopy(case.model)
+
+    def step() -> Any:
+        with per_sample_grads(model, one_backward=True) as g:
+            case.loss(model(case.x), case.y).backward()
+        return g
+
+    return Runner(step, lambda g: Outcome(per_sample=dict(g)), model)
+
+
+def prepare_gradhooks_ghost_1bw(case: Case, cap: int) -> Runner:
+    """materialize=False, one backward: norms, then clip_ writes p.grad."""
+    from gradhooks import per_sample_grads
+
+    model = copy.deepcopy(case.model)
+
+    def step() -> Any:
+        with per_sample_grads(model, materialize=False, one_backward=True) as g:
+            case.loss(model(case.x), case.y).backward()
+        norms = g.norms()
+        g.clip_(MAX_NORM)
+        return norms
+
+    return Runner(step, lambda norms: Outcome(norms=norms, clipped=_grads(model)), model)
+
+
 def prepare_naive(case: Case, cap: int) -> Runner:
     """One ``autograd.grad`` per sample, for the first ``min(cap, N)`` samples."""
     model = copy.deepcopy(case.model)
@@ -307,6 +338,8 @@ METHODS: dict[str, Method] = {
         Method("gradhooks", "per_sample_grads(materialize=True): all per-sample grads, exit included", prepare_gradhooks),
         Method("gradhooks-reuse", "as gradhooks, with reuse= the previous step's result (training loop)", prepare_gradhooks_reuse),
         Method("gradhooks-ghost", "materialize=False, then g.norms() and g.clip_(1.0)", prepare_gradhooks_ghost),
+        Method("gradhooks-1bw", "materialize=True, one_backward=True: all per-sample grads, no weight gradients in backward", prepare_gradhooks_1bw),
+        Method("gradhooks-ghost-1bw", "materialize=False, one_backward=True, then g.norms() and g.clip_(1.0)", prepare_gradhooks_ghost_1bw),
         Method("naive", "autograd.grad per sample (capped, extrapolated)", prepare_naive),
         Method("torch.func", "vmap(grad(...)) with functional_call", prepare_torch_func),
         Method("opacus", "GradSampleModule hooks: p.grad_sample", prepare_opacus, ("opacus",)),

@@ -44,8 +44,8 @@ def _weight_squared_norms(x: Tensor, g: Tensor) -> Tensor:
     """``(N, T, i), (N, T, o) -> (N,)``: ``||G_n^T X_n||_F^2``, cheapest exact form."""
     n, t, i = x.shape
     o = g.shape[-1]
-    if t == 1:
-        return x.square().sum((1, 2)) * g.square().sum((1, 2))
+    if t == 1:  # norms without squared temporaries
+        return torch.linalg.vector_norm(x, dim=(1, 2)).square_().mul_(torch.linalg.vector_norm(g, dim=(1, 2)).square_())
     use_gram = t * t * (i + o) <= t * i * o
     per_sample = 2 * t * t if use_gram else i * o
     rows = max(1, CHUNK_ELEMS // per_sample)

@@ -147,10 +147,16 @@ class Tracer(TorchFunctionMode):
                 handler = NAME_HANDLERS.get("<pointwise>")
             return self.rec.use(self, func, name, handler, args, kwargs, batched, origins)
         out = func(*args, **kwargs)
-        if batched:
-            self.follow(func, args, kwargs, out, batched)
-        else:
+        if not batched:
             self.derive(func, args, kwargs, out, origins)
+        elif prop is _pointwise and len(batched) == 1 and isinstance(out, Tensor) and args and isinstance(args[0], Tensor) and id(args[0]) in batched:
+            # The common case (an activation): the batched first operand keeps its layout.
+            if out is not args[0] and out.dim() == args[0].dim():
+                self.set_layout(out, batched[id(args[0])])
+            elif out is not args[0]:
+                self.follow(func, args, kwargs, out, batched)
+        else:
+            self.follow(func, args, kwargs, out, batched)
         return out
 
     def _scan(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[dict[int, AnyLayout], dict[int, Origin]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor
@@ -36,18 +37,21 @@ class Geometry:
         return getattr(self, name)
 
 
-def new_site(tr: Tracer, key: Any, rule: Rule, geometry: Any, operands: dict[str, tuple[Tensor, Origin]]) -> Site:
-    """The site for ``key``, created on first use. ``operands``: local name ->
-    (tensor the op used, its origin)."""
+def new_site(tr: Tracer, key: Any, rule: Rule, geometry: Callable[[], Any], operands: dict[str, tuple[Tensor, Origin]]) -> Site:
+    """The site for ``key``, created on first use (``geometry()`` builds the rule's
+    ``module`` then). ``operands``: local name -> (tensor the op used, its origin)."""
+    site = tr.rec.sites.get(key)
+    if site is not None:
+        return site
     rec = tr.rec
+    origins = [o for _, o in operands.values()]
+    chains = {local: Chain(o) for local, (_, o) in operands.items()}
 
-    def make() -> Site:
-        origins = [o for _, o in operands.values()]
-        label = ", ".join(dict.fromkeys(rec.label_of(o) for o in origins))
-        chains = {local: Chain(o) for local, (_, o) in operands.items()}
-        return Site(rule, geometry, label, list(operands), chains)
+    def label() -> str:
+        return ", ".join(dict.fromkeys(rec.label_of(o) for o in origins))
 
-    return rec.site(key, make)
+    site = rec.sites[key] = Site(rule, geometry(), label, list(operands), chains)
+    return site
 
 
 def record(
@@ -59,7 +63,7 @@ def record(
     transposes the last two dimensions)."""
     call = Call((x,), {}, [None] * n_outputs)
     call.memo.update(in_layout=in_layout, out_layout=out_layout, canon=canon, **memo)
-    call.versions.append((x, x._version))
+    call.keep_version(x)
     site.calls.append(call)
     return call
 
@@ -67,8 +71,7 @@ def record(
 def dense_site(tr: Tracer, key: Any, operands: dict[str, tuple[Tensor, Origin]]) -> tuple[Site, Call]:
     """A site whose per-sample gradients are recorded as they are (one call holds
     them, in the order of ``call.memo["names"]``)."""
-    geometry = Geometry(**{local: t for local, (t, _) in operands.items()})
-    site = new_site(tr, key, DENSE, geometry, operands)
+    site = new_site(tr, key, DENSE, lambda: Geometry(**{local: t for local, (t, _) in operands.items()}), operands)
     if not site.calls:
         call = Call((), {}, [None] * len(site.names))
         call.memo["names"] = list(site.names)

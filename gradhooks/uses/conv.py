@@ -37,7 +37,7 @@ def conv(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], b
     if isinstance(lx, Layout) and (lx.dim != 0 or lx.rows is not None):
         rec.problem(tr, "layout", func.__name__, origins, "a convolution needs the batch in dimension 0 of its input")
         return rec.plain(tr, func, args, kwargs, batched, origins)
-    geometry = ConvGeometry(w.detach(), b.detach() if isinstance(b, Tensor) else None, *rest)
+    geometry = ConvGeometry(w.detach(), b.detach() if isinstance(b, Tensor) else None, *rest)  # its key is needed
     operands = {}
     wo = origins.get(id(w))
     bo = origins.get(id(b)) if isinstance(b, Tensor) else None
@@ -46,7 +46,7 @@ def conv(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], b
     if bo is not None:
         operands["bias"] = (b, bo)
     key = ("conv", geometry.key(), *(id(o) for _, o in operands.values()))
-    site = new_site(tr, key, CONV, geometry, operands)
+    site = new_site(tr, key, CONV, lambda: geometry, operands)
     w_op = rec.operand(w, wo, site, "weight") if wo is not None else w
     b_op = rec.operand(b, bo, site, "bias") if bo is not None else b
     call = record(site, x, lx, lx, "split")

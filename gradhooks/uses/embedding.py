@@ -28,7 +28,7 @@ EMBEDDING = EmbeddingRule()
 def _lookup(tr: Tracer, call_fn: Any, ids: Tensor, w: Tensor, wo: Origin, padding_idx: int | None, sparse: bool) -> Any:
     rec = tr.rec
     lay = tr.layout_of(ids)
-    geometry = Geometry(weight=w, padding_idx=padding_idx, num_embeddings=w.shape[0], sparse=sparse)
+    geometry = lambda: Geometry(weight=w, padding_idx=padding_idx, num_embeddings=w.shape[0], sparse=sparse)  # noqa: E731
     site = new_site(tr, ("embedding", padding_idx, id(wo)), EMBEDDING, geometry, {"weight": (w, wo)})
     call = record(site, ids, lay, lay, "first")  # type: ignore[arg-type]
     out = call_fn(rec.operand(w, wo, site, "weight", track=not sparse))

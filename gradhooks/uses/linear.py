@@ -57,15 +57,18 @@ def _linear_use(
     if bias is not None:
         operands["bias"] = bias
     key = ("linear", canon, *(id(o) for _, o in operands.values()))
-    geometry = Geometry(weight=weight[0] if weight else None, bias=bias[0] if bias else None)
-    site = new_site(tr, key, LINEAR, geometry, operands)
+    site = new_site(tr, key, LINEAR, lambda: Geometry(weight=weight[0] if weight else None, bias=bias[0] if bias else None), operands)
     args = list(call_args)
     for pos, local in replace.items():
         args[pos] = rec.operand(args[pos], tr.origin_of(args[pos]), site, local)
     call = record(site, x, lx, lx, canon)
     out = func(*args, **call_kwargs)
-    tr.follow(func, tuple(args), call_kwargs, out, {id(x): lx})
-    lay = tr.layout_of(out)
+    if canon == "first" and out.dim() == x.dim():
+        lay = lx  # (..., in) -> (..., out): the batch stays where it is
+        tr.set_layout(out, lay)
+    else:
+        tr.follow(func, tuple(args), call_kwargs, out, {id(x): lx})
+        lay = tr.layout_of(out)
     call.memo["out_layout"] = lay
     watched = rec.watch(out, call, 0, [x])
     if watched is not out:

@@ -49,7 +49,7 @@ def _capture(
     acc = accumulation_dtype(next(iter(ops.values()))[0].dtype)
     want = ("weight" in ops, "bias" in ops)
     names = call.memo["names"]
-    call.versions.append((x, x._version))
+    call.keep_version(x)
 
     check = not rec.one_backward  # the exit check compares with autograd's gradient
 

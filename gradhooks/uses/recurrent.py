@@ -141,7 +141,7 @@ def recurrent(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
     params = list(a["params"])
     geo = RecurrentGeometry(_MODES[name], [p.detach() for p in params], bool(a["has_biases"]), int(a["layers"]), bool(a["bidir"]))
     operands = {f"p{i}": (p, origins[id(p)]) for i, p in enumerate(params) if id(p) in origins}
-    site = new_site(tr, ("recurrent", name, *(id(o) for _, o in operands.values())), RECURRENT, geo, operands)
+    site = new_site(tr, ("recurrent", name, *(id(o) for _, o in operands.values())), RECURRENT, lambda: geo, operands)
     new_params = [rec.operand(p, origins[id(p)], site, f"p{i}") if id(p) in origins else p for i, p in enumerate(params)]
     call_args = list(args)
     call_args[3 if a["batch_sizes"] is not None else 2] = new_params
@@ -155,7 +155,7 @@ def recurrent(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
         hx_layouts=[tr.layout_of(t) if t is not None else None for t in hx] + [None] * (2 - len(hx)),
         states=geo.num_layers * geo.dirs, hidden=[o.shape[-1] for o in outs[1:]],
     )
-    call.versions.append((a["x"], a["x"]._version))
+    call.keep_version(a["x"])
     site.calls.append(call)
     result = []
     for i, (o, lay) in enumerate(zip(outs, lays)):
@@ -230,7 +230,7 @@ def cell(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], b
     mode = _CELLS[func.__name__]
     geo = RecurrentGeometry(mode, [w.detach() for w in weights], len(weights) == 4, 1, False)
     operands = {f"p{i}": (w, origins[id(w)]) for i, w in enumerate(weights) if id(w) in origins}
-    site = new_site(tr, ("cell", mode, *(id(o) for _, o in operands.values())), RECURRENT, geo, operands)
+    site = new_site(tr, ("cell", mode, *(id(o) for _, o in operands.values())), RECURRENT, lambda: geo, operands)
     new_args = list(args)
     for i, w in enumerate(weights):
         if id(w) in origins:
@@ -245,7 +245,7 @@ def cell(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], b
     call = Call((x,), {}, outs)
     call.memo.update(canon=_cell_canonical, in_layout=lay, mode=mode, hidden=outs[0].shape[-1],
                      hx=[None if t is None else t.detach() for t in hxs] + [None] * (2 - len(hxs)))
-    call.versions.append((x, x._version))
+    call.keep_version(x)
     site.calls.append(call)
     result = []
     for i, o in enumerate(outs):
