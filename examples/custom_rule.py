@@ -2,12 +2,13 @@
 
     @gradhooks.register_rule(Scale)              # class Scale(nn.Module): y = x * self.w
     class ScaleRule(gradhooks.Rule):
-        def per_sample(self, module, calls, names):
+        def per_sample(self, module: nn.Module, calls: Sequence[gradhooks.Call],
+                       names: Sequence[str]) -> dict[str, Tensor]:
             # {name: (N, *p.shape)}, summed over the module's forward calls. Each call has
             # c.input (X, (N, *, d)) and c.grad (G = dloss/dy for the reduced loss, as
             # autograd delivered it; gradhooks rescales for loss_reduction="mean").
-            xg = sum((c.input * c.grad).reshape(len(c.grad), -1, c.grad.shape[-1]) for c in calls)
-            return {"w": xg.sum(1)}              # sum over the positions *
+            rows = [(c.input * c.grad).reshape(len(c.grad), -1, c.grad.shape[-1]).sum(1) for c in calls]
+            return {"w": torch.stack(rows).sum(0)}   # sum over the positions * and the calls
 
     with gradhooks.per_sample_grads(model) as g:  # Scale is now handled like nn.Linear
         loss_fn(model(x), y).backward()           # g["1.w"]: (N, d); norms(), clip_() work
@@ -15,13 +16,20 @@
 ``per_sample`` is all a rule needs: with ``materialize=False`` the norms and
 clipped sums are derived from it one layer at a time (override
 ``squared_norms`` / ``weighted_sum`` where a cheaper exact form exists). At
-exit gradhooks checks the rule's account against what backward put in
-``p.grad``, so a rule with wrong math raises instead of returning wrong numbers.
+exit gradhooks checks the rule's batch sum against what backward put in
+``p.grad``: a rule whose sum is wrong raises. A sum cannot see a row given to
+the wrong sample, so test the rule itself with ``gradhooks.check_rule`` (every
+query against the naive loop, in float64), as ``torch.autograd.gradcheck``
+tests a Function::
+
+    gradhooks.check_rule(ScaleRule, Scale(16), torch.randn(8, 6, 16))   # True, or CheckError
 
     python examples/custom_rule.py
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,17 +51,26 @@ class Scale(nn.Module):
 
 @gradhooks.register_rule(Scale)
 class ScaleRule(gradhooks.Rule):
-    def per_sample(self, module, calls, names):
+    def per_sample(self, module: nn.Module, calls: Sequence[gradhooks.Call], names: Sequence[str]) -> dict[str, Tensor]:
         # {name: (N, *p.shape)}, summed over the module's forward calls. Each call has
         # c.input (X, (N, *, d)) and c.grad (G = dloss/dy for the reduced loss, as
         # autograd delivered it; gradhooks rescales for loss_reduction="mean").
-        xg = sum((c.input * c.grad).reshape(len(c.grad), -1, c.grad.shape[-1]) for c in calls)
-        return {"w": xg.sum(1)}  # sum over the positions *
+        rows = [(c.input * c.grad).reshape(len(c.grad), -1, c.grad.shape[-1]).sum(1) for c in calls]
+        return {"w": torch.stack(rows).sum(0)}  # summed over the positions * and the calls
+
+
+class ReshapeBugRule(ScaleRule):
+    """``reshape(-1, N, d)`` where ``reshape(N, -1, d)`` was meant: the batch sum is
+    right, the rows belong to other samples. The exit check cannot see it."""
+
+    def per_sample(self, module: nn.Module, calls: Sequence[gradhooks.Call], names: Sequence[str]) -> dict[str, Tensor]:
+        n, d = calls[0].grad.shape[0], calls[0].grad.shape[-1]
+        return {"w": torch.stack([(c.input * c.grad).reshape(-1, n, d).sum(0) for c in calls]).sum(0)}
 
 
 def naive_loop(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
     """One backward per sample: ``{name: (N, *p.shape)}``."""
-    names, params = zip(*model.named_parameters())
+    names, params = zip(*model.named_parameters(), strict=True)
     rows = [torch.autograd.grad(F.cross_entropy(model(x[n : n + 1]), y[n : n + 1]), params) for n in range(len(x))]
     return {name: torch.stack([r[i] for r in rows]) for i, name in enumerate(names)}
 
@@ -67,7 +84,8 @@ class Model(nn.Module):
         self.head = nn.Linear(16, 3)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.body(x).mean(1))
+        out: Tensor = self.head(self.body(x).mean(1))
+        return out
 
 
 def main() -> None:
@@ -89,9 +107,18 @@ def main() -> None:
     print(f"materialize=False norms (from per_sample, one layer at a time) differ by {gap:.1e}")
     assert gap < 1e-5
 
-    # A rule with wrong math is caught at exit, not returned.
+    # check_rule: the rule against the naive loop on a module and inputs of our choice.
+    assert gradhooks.check_rule(ScaleRule, Scale(16), torch.randn(8, 6, 16))
+    try:
+        gradhooks.check_rule(ReshapeBugRule, Scale(16), torch.randn(8, 6, 16))
+    except gradhooks.CheckError as err:
+        print("check_rule caught the reshape bug:", str(err).splitlines()[1].strip()[:80], "...")
+    else:
+        raise AssertionError("check_rule should have caught the reshape-order bug")
+
+    # A rule whose batch sum is wrong is caught at exit, not returned.
     class HalfRule(ScaleRule):
-        def per_sample(self, module, calls, names):
+        def per_sample(self, module: nn.Module, calls: Sequence[gradhooks.Call], names: Sequence[str]) -> dict[str, Tensor]:
             return {"w": super().per_sample(module, calls, names)["w"] / 2}
 
     gradhooks.register_rule(Scale, rule=HalfRule(), replace=True)

@@ -4,15 +4,19 @@
     python examples/dp_sgd_digits.py --quick   # a few epochs, for CI
 
 The same MLP is trained twice from the same initialisation: once with plain
-SGD on shuffled batches, once with DP-SGD through gradhooks (per-sample
-clipping without materializing per-sample gradients, Gaussian noise, Poisson
-sampling), printing both test accuracies and the privacy spent (epsilon at a
-fixed delta, from Opacus' RDP accountant) after every epoch.
+SGD on shuffled batches, once with DP-SGD through ``gradhooks.privacy.DPSGD``
+(Poisson sampling, per-sample clipping in the one-backward mode without
+per-sample tensors, one Gaussian noise draw per logical batch, accounting),
+printing both test accuracies and the privacy spent (epsilon at a fixed delta,
+from Opacus' RDP accountant) after every epoch. ``--target-epsilon`` calibrates
+the noise instead of fixing it; ``--max-physical-batch-size`` splits every
+logical batch into micro-batches (same result, less memory).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -25,8 +29,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from gradhooks import per_sample_grads  # noqa: E402
-from gradhooks.privacy import Accountant, PoissonBatchSampler, add_noise_, privatize_  # noqa: E402
+from gradhooks.privacy import DPSGD  # noqa: E402
 
 T = TypeVar("T")
 
@@ -84,29 +87,19 @@ def plain_epoch(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tens
         opt.step()
 
 
-def dp_epoch(
-    model: nn.Module,
-    opt: torch.optim.Optimizer,
-    x: Tensor,
-    y: Tensor,
-    sampler: PoissonBatchSampler,
-    max_norm: float,
-    sigma: float,
-    gen: torch.Generator,
-    desc: str,
-) -> None:
-    """One epoch of DP-SGD: Poisson batches; per-sample clipping to ``max_norm``;
-    noise N(0, (sigma max_norm)^2) on the clipped sum; divide by the expected batch size."""
-    expected = sampler.expected_batch_size
-    for idx in progress(sampler, len(sampler), desc):
-        opt.zero_grad(set_to_none=True)
-        if not idx:  # an empty Poisson batch is still a step: noise alone
-            add_noise_(model.parameters(), std=sigma * max_norm / expected, generator=gen)
-        else:
-            with per_sample_grads(model, loss_reduction="sum", materialize=False) as g:
-                F.cross_entropy(model(x[idx]), y[idx], reduction="sum").backward()
-            privatize_(g, max_norm=max_norm, noise_multiplier=sigma, expected_batch_size=expected, generator=gen)
-        opt.step()
+def dp_epoch(model: nn.Module, dp: DPSGD, x: Tensor, y: Tensor, desc: str) -> None:
+    """One epoch of DP-SGD: everything private (sampling, empty batches, clipping,
+    noise, the optimizer step, accounting) is the ``DPSGD`` object's."""
+    for idx in progress(dp.batches(epochs=1), dp.steps_per_epoch, desc):
+        with dp.step():
+            F.cross_entropy(model(x[idx]), y[idx], reduction="sum").backward()
+
+
+def epsilon_of(dp: DPSGD) -> float:
+    try:
+        return dp.epsilon()
+    except ImportError:
+        return float("nan")
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -117,6 +110,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--hidden", type=int, default=64, help="hidden units of the MLP")
     ap.add_argument("--max-norm", type=float, default=1.0, help="per-sample clipping norm C")
     ap.add_argument("--noise-multiplier", type=float, default=3.0, help="noise std / C")
+    ap.add_argument("--target-epsilon", type=float, default=None, help="calibrate the noise multiplier for this epsilon instead")
+    ap.add_argument("--max-physical-batch-size", type=int, default=None, help="split logical batches into micro-batches")
     ap.add_argument("--delta", type=float, default=1e-5, help="delta of the reported (epsilon, delta)")
     ap.add_argument("--lr", type=float, default=0.3, help="SGD learning rate (momentum 0.9), both runs")
     ap.add_argument("--seed", type=int, default=0)
@@ -132,29 +127,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     q = args.batch / n
     plain, private = make_model(args.seed, args.hidden), make_model(args.seed, args.hidden)
     opts = [torch.optim.SGD(m.parameters(), lr=args.lr, momentum=0.9) for m in (plain, private)]
-    try:
-        accountant: Accountant | None = Accountant("rdp")
-    except ImportError as err:
-        accountant = None
-        print(f"note: no privacy accounting ({err})")
     gen = torch.Generator().manual_seed(args.seed)
-    sampler = PoissonBatchSampler(n, q, generator=gen)
+    noise = {"target_epsilon": args.target_epsilon} if args.target_epsilon else {"noise_multiplier": args.noise_multiplier}
+    dp = DPSGD(private, opts[1], dataset_size=n, expected_batch_size=args.batch, delta=args.delta, epochs=epochs,
+               max_norm=args.max_norm, max_physical_batch_size=args.max_physical_batch_size, **noise,
+               sample_generator=torch.Generator().manual_seed(args.seed + 1),
+               noise_generator=torch.Generator().manual_seed(args.seed + 2))
+    if math.isnan(epsilon_of(dp)):
+        print("note: no privacy accounting (Opacus is not installed: pip install 'gradhooks[privacy]')")
     eps_col = f"epsilon (delta={args.delta:g})"
     print(
         f"digits: {n} train / {len(x_test)} test images, MLP 64-{args.hidden}-10 "
         f"({sum(p.numel() for p in plain.parameters())} parameters), {epochs} epochs, SGD lr {args.lr} momentum 0.9\n"
         f"  plain : shuffled batches of {args.batch}\n"
         f"  DP-SGD: Poisson sampling q={q:.4f} (expected batch {args.batch}), clip C={args.max_norm:g}, "
-        f"noise multiplier {args.noise_multiplier:g}, RDP accountant (Opacus)\n"
+        f"noise multiplier {dp.noise_multiplier:.4g}, RDP accountant (Opacus)\n"
     )
     print(f"{'epoch':>5}  {'plain acc':>9}  {'DP-SGD acc':>10}  {eps_col:>20}")
     result: dict[str, float] = {}
     for epoch in range(1, epochs + 1):
         plain_epoch(plain, opts[0], x, y, args.batch, gen)
-        dp_epoch(private, opts[1], x, y, sampler, args.max_norm, args.noise_multiplier, gen, f"epoch {epoch}")
-        if accountant is not None:
-            accountant.step(noise_multiplier=args.noise_multiplier, sample_rate=q, steps=len(sampler))
-        eps = accountant.epsilon(args.delta) if accountant is not None else float("nan")
+        dp_epoch(private, dp, x, y, f"epoch {epoch}")
+        eps = epsilon_of(dp)
         result = {"plain_acc": accuracy(plain, x_test, y_test), "dp_acc": accuracy(private, x_test, y_test), "epsilon": eps}
         print(f"{epoch:>5}  {result['plain_acc']:>9.3f}  {result['dp_acc']:>10.3f}  {eps:>20.2f}", flush=True)
     seconds = time.perf_counter() - start

@@ -92,7 +92,7 @@ def save_histogram(path: str, norms: Tensor, flipped: Tensor, threshold: float) 
     ax.hist(norms[flipped].tolist(), bins=bins, alpha=0.6, label=f"flipped labels ({int(flipped.sum())})")
     ax.axvline(threshold, color="k", linestyle="--", linewidth=1, label=f"top-k cut (k={int(flipped.sum())})")
     ax.set_xlabel("per-sample gradient norm")
-    ax.set_ylabel("training examples")
+    ax.set_ylabel("training examples (log scale)")
     ax.set_yscale("log")
     ax.set_title("digits, 10% labels flipped: per-sample gradient norms after brief training")
     ax.legend()
@@ -103,7 +103,7 @@ def save_histogram(path: str, norms: Tensor, flipped: Tensor, threshold: float) 
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer epochs (CI)")
     ap.add_argument("--epochs", type=int, default=None, help="training epochs (default 8, --quick 3)")
     ap.add_argument("--fraction", type=float, default=0.1, help="fraction of training labels flipped")

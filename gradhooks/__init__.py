@@ -26,13 +26,17 @@ from . import diagnostics, privacy
 from . import rules as _rules  # noqa: F401  (registers the built-in rules' module types)
 from . import uses as _uses  # noqa: F401  (registers the tracer's handlers)
 from .capture import Call
+from .check import check_attribution, check_rule
 from .context import per_sample_grads
 from .errors import (
     BatchLayoutError,
     BatchSizeError,
+    CheckError,
     ContextStateError,
     GradhooksError,
+    LossReductionWarning,
     NonFiniteNormError,
+    RuleError,
     UnseenGradientError,
     UnsupportedModuleError,
 )
@@ -47,15 +51,20 @@ __all__ = [
     "BatchLayoutError",
     "BatchSizeError",
     "Call",
+    "CheckError",
     "ContextStateError",
     "FallbackWarning",
     "GradhooksError",
+    "LossReductionWarning",
     "NonFiniteNormError",
     "PerSampleGrads",
     "Rule",
+    "RuleError",
     "UnseenGradientError",
     "UnsupportedModuleError",
     "__version__",
+    "check_attribution",
+    "check_rule",
     "diagnostics",
     "per_sample_grads",
     "privacy",

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .accounts import Account
+from .distributed import ShardedWorld
 from .rule import accumulation_dtype
 
 if TYPE_CHECKING:
@@ -92,6 +93,9 @@ def write_clipped(
     all-reduce gives every rank the total; the noise is drawn on rank 0 only."""
     names = list(params)
     with torch.no_grad():
+        if isinstance(world, ShardedWorld):  # FSDP2: reduce-scatter into each rank's shard
+            world.write_clipped(account, params, before, weights, noise_std=noise_std, generator=generator)
+            return
         if world is None:
             bufs = _buffers(params, before)
             account.weighted_sums(weights, names, bufs)  # fills in the None entries

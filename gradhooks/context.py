@@ -16,7 +16,7 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor, nn
 
-from . import finish, hooks
+from . import finish, fsdp, hooks
 from .distributed import world_of
 from .errors import ContextStateError
 from .plan import FallbackWarning, make_plan
@@ -116,6 +116,7 @@ class PerSampleGradsContext:
             )
         opts = self.options
         plan = make_plan(self.model, fallback=opts.fallback)
+        sharding = fsdp.sharding_of(self.model, plan, opts)  # FSDP2: refusals on entry, None otherwise
         covered = [Covered(s.name, s.param, s) for s in plan.covered]
         result = PerSampleGrads({c.name: c.param for c in covered}, opts.loss_reduction, opts.materialize)
         result._fallback_modules = plan.fallback_modules
@@ -126,9 +127,12 @@ class PerSampleGradsContext:
         tracer.sources = dict(plan.traced)
         state = finish.State(plan, covered, before, {c.name: Snapshot.of(c.param) for c in covered}, rec, tracer, world_of(self.model))
         state.strict = opts.strict
+        state.sharding = sharding
         self._state, self._result = state, result
         try:
             hooks.install(self.model, state, opts)
+            if sharding is not None:
+                sharding.install(state)  # after FSDP's own pre-hooks: binds the unsharded parameters
             rec.active = True
             tracer.__enter__()
         except BaseException:

@@ -6,8 +6,9 @@ gradient and weighted sums are exact without per-sample tensors)::
     with per_sample_grads(model, materialize=False) as g:
         F.cross_entropy(model(x), y).backward()
     norm_stats(g)["fc1.weight"]     # NormStats(mean=..., std=..., max=..., quantiles=...)
-    noise_scale(g).b_simple         # McCandlish et al. 2018, B_simple
     cosine_to_batch(g)              # (N,): alignment of each sample with the batch gradient
+    tracker.update(g)               # tracker = RunningNoiseScale(): McCandlish et al. 2018,
+    tracker.b_simple                # B_simple averaged over steps (None until it is defined)
 
 ``names`` (where accepted) restricts a diagnostic to some covered parameters
 (one layer, say); by default it covers all of them. Statistics are float64
@@ -28,6 +29,7 @@ from .result import PerSampleGrads
 __all__ = [
     "NoiseScale",
     "NormStats",
+    "RunningNoiseScale",
     "cosine_to",
     "cosine_to_batch",
     "mean_gradient",
@@ -62,7 +64,7 @@ class NormStats:
         if qs:
             parts.append(torch.quantile(x, torch.tensor(qs, dtype=torch.float64, device=x.device)))
         flat = torch.cat([t.reshape(-1) for t in parts]).tolist()
-        return cls(len(x), flat[0], flat[1], flat[2], flat[3], dict(zip(qs, flat[4:])))
+        return cls(len(x), flat[0], flat[1], flat[2], flat[3], dict(zip(qs, flat[4:], strict=False)))
 
     def __str__(self) -> str:
         qs = " ".join(f"p{100 * q:g} {v:.4g}" for q, v in self.quantiles.items())
@@ -133,9 +135,10 @@ class NoiseScale:
 
     ``trace_cov`` estimates ``tr(Sigma)``, the summed per-coordinate variance of
     one sample's gradient; ``grad_sq`` estimates ``|G|^2``, the squared norm of
-    the true (expected) gradient. One batch's ratio is noisy (``grad_sq`` may
-    even be negative): average both over steps (e.g. an exponential moving
-    average of each) before dividing, as McCandlish et al. do.
+    the true (expected) gradient. Each is unbiased, and ``grad_sq`` is often
+    negative on one batch (it subtracts the noise from ``|gbar|^2``), so their
+    one-batch ratio means little: feed them to :class:`RunningNoiseScale`, which
+    averages both over steps before dividing, as McCandlish et al. do.
     """
 
     batch_size: int
@@ -143,9 +146,78 @@ class NoiseScale:
     grad_sq: float
 
     @property
-    def b_simple(self) -> float:
-        """``B_simple = tr(Sigma) / |G|^2`` from this batch (``inf`` when ``grad_sq <= 0``)."""
-        return self.trace_cov / self.grad_sq if self.grad_sq > 0 else float("inf")
+    def b_simple(self) -> float | None:
+        """``tr(Sigma) / |G|^2`` of this batch alone, or ``None`` when ``grad_sq <= 0``
+        (no ratio exists then). Noisy and biased even when defined: prefer
+        :attr:`RunningNoiseScale.b_simple`."""
+        return self.trace_cov / self.grad_sq if self.grad_sq > 0 else None
+
+
+class RunningNoiseScale:
+    """``B_simple`` over a training run: exponential moving averages of the two
+    unbiased parts (:class:`NoiseScale`), then their ratio.
+
+    ``update(g)`` (or ``update(noise_scale(g, names=...))``) once per step; with
+    ``beta``, step ``t``'s estimate enters with weight ``(1 - beta) beta^(T - t)``,
+    normalised by ``1 - beta^T`` (the zero start removed, as in Adam): each
+    average is a weighted mean of unbiased estimates, whatever the batch sizes. ``beta=0`` keeps the last
+    step only; the default 0.99 averages about the last 100 steps.
+    """
+
+    def __init__(self, beta: float = 0.99) -> None:
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"RunningNoiseScale: beta must be a number in [0, 1), got {beta!r}")
+        self.beta = float(beta)
+        self.steps = 0
+        self._trace = 0.0  # un-normalised moving averages
+        self._sq = 0.0
+
+    def update(self, g: PerSampleGrads | NoiseScale, *, names: Iterable[str] | None = None) -> NoiseScale:
+        """Add one step's estimates (from ``g``, over ``names``, or a ready
+        :class:`NoiseScale`); returns that step's :class:`NoiseScale`."""
+        if isinstance(g, NoiseScale):
+            if names is not None:
+                raise ValueError("RunningNoiseScale.update: names= applies to a PerSampleGrads, not a NoiseScale")
+            est = g
+        else:
+            est = noise_scale(g, names=names)
+        b = self.beta
+        self._trace = b * self._trace + (1.0 - b) * est.trace_cov
+        self._sq = b * self._sq + (1.0 - b) * est.grad_sq
+        self.steps += 1
+        return est
+
+    @property
+    def trace_cov(self) -> float | None:
+        """The averaged ``tr(Sigma)`` estimate (``None`` before the first update)."""
+        return self._trace / (1.0 - self.beta**self.steps) if self.steps else None
+
+    @property
+    def grad_sq(self) -> float | None:
+        """The averaged ``|G|^2`` estimate (``None`` before the first update)."""
+        return self._sq / (1.0 - self.beta**self.steps) if self.steps else None
+
+    @property
+    def b_simple(self) -> float | None:
+        """``trace_cov / grad_sq`` of the averages; ``None`` (see :attr:`reason`) before
+        the first update or while the averaged ``|G|^2`` estimate is not positive."""
+        sq = self.grad_sq
+        return None if sq is None or sq <= 0 or self.trace_cov is None else self.trace_cov / sq
+
+    @property
+    def reason(self) -> str | None:
+        """Why :attr:`b_simple` is ``None`` (``None`` when it is a number)."""
+        if not self.steps:
+            return "no step yet: call update(g) once per training step"
+        sq = self.grad_sq
+        if sq is not None and sq <= 0:
+            return (f"the |G|^2 estimate averaged over {self.steps} step(s) is {sq:.3g} <= 0: the gradient noise "
+                    "still hides the mean gradient; average over more steps (or a larger beta)")
+        return None
+
+    def __repr__(self) -> str:
+        value = f"{self.b_simple:.4g}" if self.b_simple is not None else f"None ({self.reason})"
+        return f"RunningNoiseScale(beta={self.beta}, steps={self.steps}, b_simple={value})"
 
 
 def noise_scale(g: PerSampleGrads, *, names: Iterable[str] | None = None) -> NoiseScale:
@@ -161,7 +233,8 @@ def noise_scale(g: PerSampleGrads, *, names: Iterable[str] | None = None) -> Noi
         tr(Sigma) ~ B/(B-1) (m - |gbar|^2),    |G|^2 ~ (B |gbar|^2 - m) / (B-1)
 
     are unbiased (the paper's two-batch-size estimator with ``B_small = 1``,
-    ``B_big = B``). Needs ``N >= 2`` (``ValueError`` otherwise).
+    ``B_big = B``). Needs ``N >= 2`` (``ValueError`` otherwise). One batch's
+    ratio is rarely meaningful: average over steps with :class:`RunningNoiseScale`.
     """
     n = g.batch_size
     if n < 2:

@@ -15,6 +15,9 @@ __all__ = [
     "UnseenGradientError",
     "NonFiniteNormError",
     "ContextStateError",
+    "CheckError",
+    "RuleError",
+    "LossReductionWarning",
 ]
 
 
@@ -47,3 +50,20 @@ class NonFiniteNormError(GradhooksError, FloatingPointError):
 
 class ContextStateError(GradhooksError, RuntimeError):
     """The result object was used when it holds no valid result."""
+
+
+class CheckError(GradhooksError, RuntimeError):
+    """An on-demand check (:func:`gradhooks.check_rule`, :func:`gradhooks.check_attribution`)
+    found a result that differs from the naive per-sample loop."""
+
+
+class RuleError(GradhooksError, RuntimeError):
+    """A rule failed on a module's recorded calls; the message names the module,
+    its type, the rule, and what to do."""
+
+
+class LossReductionWarning(UserWarning):
+    """The loss passed to ``backward()`` is reduced over the batch in the other way
+    than ``loss_reduction`` says (a sum with ``"mean"``, or a mean with ``"sum"``):
+    every per-sample result is N times off (``g[name].mean(0)`` still equals what
+    backward added, which is why this is a warning and not an error)."""

@@ -17,12 +17,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import clip, selfcheck, stacking
+from . import clip, rule_replay, selfcheck, stacking
 from . import sites as sites_mod
 from .accounts import Captured, Materialized
 from .capture import Call
 from .distributed import World
-from .errors import BatchLayoutError, ContextStateError, UnseenGradientError, UnsupportedModuleError
+from .errors import (
+    BatchLayoutError,
+    ContextStateError,
+    LossReductionWarning,
+    UnseenGradientError,
+    UnsupportedModuleError,
+)
 from .hooks import batch_size_error
 from .plan import Plan
 from .recording import Problem, Recording
@@ -63,6 +69,12 @@ class State:
     raised: bool = False
 
     strict: bool = True
+    sharding: Any = None  # gradhooks.fsdp.Sharding of an FSDP2 model
+
+    @property
+    def collective(self) -> World | None:
+        """The group every rank's exit and clip_ go through: DDP's, or FSDP2's shard group."""
+        return self.world if self.sharding is None else self.sharding.world
 
     @property
     def pending_unsupported(self) -> bool:
@@ -108,6 +120,25 @@ def _raise_problems(state: State, options: Options) -> None:
             "follows it through views, transposes and broadcasts); a slice, a reduction or a mix of "
             "the samples before the use has no per-sample gradient."
         )
+    _check_loss_reduction(state, options)
+
+
+def _check_loss_reduction(state: State, options: Options) -> None:
+    """A loss passed to backward() as it came out of a sum (mean) over the batch while
+    ``loss_reduction`` says mean (sum) would make every per-sample result N times off."""
+    seen, n = state.tracer.loss_reductions, state.tracer.n or 0
+    other = "sum" if options.loss_reduction == "mean" else "mean"
+    if n <= 1 or not seen or any(kind != other for kind, _ in seen):
+        return
+    ops = ", ".join(sorted({op for _, op in seen}))
+    warnings.warn(
+        f"per_sample_grads(loss_reduction={options.loss_reduction!r}), but the loss passed to backward() "
+        f"is a {other} over the batch ({ops}): every per-sample gradient and norm (and so every clip factor) is "
+        f"{n} times {'too large' if other == 'sum' else 'too small'}. Pass loss_reduction={other!r} "
+        f"(or reduce the loss with a {options.loss_reduction}).",
+        LossReductionWarning,
+        stacklevel=6,  # the user's with statement
+    )
 
 
 def _canonical(call: Call, n: int) -> list[Call]:
@@ -123,7 +154,7 @@ def _canonical(call: Call, n: int) -> list[Call]:
     memo = {k: v for k, v in call.memo.items() if k not in ("in_layout", "out_layout", "canon")}
     if canon == "split":
         xs, gs = split_batch(x, lin, n), split_batch(g, lout, n)  # type: ignore[arg-type]
-        out = [Call.of(a, [b], memo) for a, b in zip(xs, gs)]
+        out = [Call.of(a, [b], memo) for a, b in zip(xs, gs, strict=False)]
     else:
         if canon == "first_t":
             xc, gc = batch_first(x, lin, n).transpose(-1, -2), batch_first(g, lout, n).transpose(-1, -2)  # type: ignore[arg-type]
@@ -189,28 +220,41 @@ def _guard(sites: list[Site]) -> Any:
     return check
 
 
-def finish(state: State, result: PerSampleGrads, options: Options) -> None:
-    world = state.world
+def _agree(world: Any, step: Any) -> Any:
+    """Run ``step()``; under DDP every rank raises if any rank's ``step`` raised."""
     try:
-        local = _finish_local(state, result, options)
+        out = step()
     except BaseException:
         if world is not None:
             world.any_(True)  # release the other ranks, which raise too
         raise
     if world is not None and world.any_(False):
         raise ContextStateError("per_sample_grads: another rank failed at exit (see its error)")
+    return out
+
+
+def finish(state: State, result: PerSampleGrads, options: Options) -> None:
+    world = state.collective
+    local = _agree(world, lambda: _finish_local(state, result, options))
+    if state.sharding is not None:  # FSDP2 freed the unsharded parameters: what the result reads of them (collective)
+        state.sharding.restore(state.rec.sites.values())
     if local is None:
         return
     covered, sites, n = local
     synced = world is not None and bool(state.synced) and state.synced[0]
     if len(set(state.synced)) > 1:
         raise ContextStateError("per_sample_grads: some forward passes of the DDP model ran inside no_sync() and some outside; use one or the other")
-    _check(state, covered, sites, options, world if synced else None)
+    if synced:  # collective: every rank compares the same all-reduced numbers
+        _check(state, covered, sites, options, world)
+    else:  # local (no_sync): one rank's failure must reach the others before clip_'s collectives
+        _agree(world, lambda: _check(state, covered, sites, options, None))
     _ready(state, result, options, covered, sites, n)
 
 
 def _finish_local(state: State, result: PerSampleGrads, options: Options) -> tuple[list[Covered], list[Site], int] | None:
     _raise_problems(state, options)
+    if state.sharding is not None:  # FSDP2: exact unseen-gradient check before the ranks' exit sync
+        state.sharding.verify(state.covered, state.snapshots)
     n = state.tracer.n
     covered = _skip(state, options)
     result._params = {c.name: c.param for c in covered}
@@ -226,10 +270,20 @@ def _finish_local(state: State, result: PerSampleGrads, options: Options) -> tup
                 f"gradient reached parameter(s) {changed}, but no use of them inside the context received it: "
                 + ("the model's forward ran outside the per_sample_grads context (or not at all); run it inside the with block"
                    if outside else "they are used where the tracer does not see them")
+                + _notes(state)
             )
         result._no_backward()
         return None
     return covered, sites, n or 0
+
+
+def _notes(state: State) -> str:
+    """Where parameters met a tensor already reduced over the batch (a penalty, or a
+    batch statistic such as ``x.mean(0)``), for an error message; empty if nowhere."""
+    if not state.rec.notes:
+        return ""
+    where = "; ".join(sorted({f"{label} in {op} ({why})" for label, op, why in state.rec.notes}))
+    return f"\nParameters combined with a tensor already reduced over the batch: {where}."
 
 
 def _check(state: State, covered: list[Covered], sites: list[Site], options: Options, world: World | None) -> None:
@@ -239,8 +293,7 @@ def _check(state: State, covered: list[Covered], sites: list[Site], options: Opt
         _verify(state, covered, sites, options, world)
     except UnseenGradientError as err:
         if state.rec.notes:
-            where = "; ".join(sorted({f"{label} in {op} ({why})" for label, op, why in state.rec.notes}))
-            raise UnseenGradientError(f"{err}\nParameters combined with a loss already reduced over the batch: {where}.") from None
+            raise UnseenGradientError(f"{err}{_notes(state)}") from None
         raise
 
 
@@ -252,6 +305,7 @@ def _verify(state: State, covered: list[Covered], sites: list[Site], options: Op
     else:
         selfcheck.verify(covered, state.before, world)
         selfcheck.verify_dense_rules(sites)
+    rule_replay.verify_user_rules(sites)  # after the sums: a rule whose batch sum is wrong is named there
 
 
 def _ready(state: State, result: PerSampleGrads, options: Options, covered: list[Covered], sites: list[Site], n: int) -> None:
@@ -277,7 +331,7 @@ def _ready(state: State, result: PerSampleGrads, options: Options, covered: list
 
     result._one_backward = options.one_backward
     result._sparse = [c.name for c in covered if any(getattr(s.module, "sparse", False) for s, _ in c.contributions)]
-    result._ready(n, state.before, account, world=state.world, grad_scale=scale, guard=guard, release=release)
+    result._ready(n, state.before, account, world=state.collective, grad_scale=scale, guard=guard, release=release)
     if options.one_backward:
         _write_one_backward(state, result, options, covered, account, n, scale)
 

@@ -134,6 +134,13 @@ class _ModuleSiteHook:
             raise UnsupportedModuleError(f"{self.spec.label}: {why}")
         leaves, spec = pytree.tree_flatten(output)
         if not any(isinstance(o, Tensor) and o.requires_grad for o in leaves):
+            hidden = _hidden_container(leaves)
+            if hidden is not None:
+                raise UnsupportedModuleError(
+                    f"{self.spec.label} returned a {hidden}, a container torch's pytree does not know, so the "
+                    "gradients of the tensors inside it cannot be captured. Register it "
+                    "(torch.utils._pytree.register_dataclass, or register_pytree_node) or return a tuple or dict."
+                )
             return None
         tr = st.tracer
         in_leaves = pytree.tree_leaves((args, kwargs))
@@ -150,6 +157,11 @@ class _ModuleSiteHook:
                 return None
         call = Call(detach_tree(args), detach_tree(kwargs), leaves)
         call.memo["batched_leaves"] = batched
+        for t in in_leaves:  # an in-place change after the block would make later queries wrong
+            if isinstance(t, Tensor):
+                call.keep_version(t)
+        for p in self.spec.module.parameters():  # rules may read the weights (the fallback replays them)
+            call.keep_version(p)
         for i, o in enumerate(leaves):
             if isinstance(o, Tensor) and o.requires_grad:
                 lay = tr.layout_of(o)
@@ -185,6 +197,17 @@ class _Refuse:
             why = self.rule.refuse(module)
             if why:
                 raise UnsupportedModuleError(f"{self.label}: {why}")
+
+
+def _hidden_container(leaves: list[Any]) -> str | None:
+    """The type name of an output leaf that is an object holding tensors that need a
+    gradient (an unregistered dataclass), else ``None``."""
+    for leaf in leaves:
+        if isinstance(leaf, Tensor) or not hasattr(leaf, "__dict__"):
+            continue
+        if any(isinstance(v, Tensor) and v.requires_grad for v in vars(leaf).values()):
+            return type(leaf).__name__
+    return None
 
 
 def _plain0(lay: Any) -> bool:

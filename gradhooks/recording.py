@@ -28,7 +28,7 @@ from .trace.layout import AnyLayout, Opaque
 if TYPE_CHECKING:
     from .trace.tracer import Handler, Tracer
 
-__all__ = ["Recording", "Problem"]
+__all__ = ["Recording", "Problem", "label_for"]
 
 
 @dataclass
@@ -67,13 +67,7 @@ class Recording:
     # -- sites ---------------------------------------------------------------------
 
     def label_of(self, origin: Origin) -> str:
-        srcs = [origin] if isinstance(origin, Source) else origin.sources()
-        names = []
-        for s in srcs:
-            label = self.labels.get(id(s), repr(s.name))
-            if label not in names:
-                names.append(label)
-        return ", ".join(names)
+        return label_for(self.labels, origin)
 
     # -- the dispatch of a use -------------------------------------------------------
 
@@ -182,6 +176,12 @@ class Recording:
 
     def chain(self, origin: Origin) -> Chain:
         return Chain(origin)
+
+
+def label_for(labels: dict[int, str], origin: Origin) -> str:
+    """How messages name the parameters behind ``origin``: ``"'fc1' (Linear)"``."""
+    srcs = [origin] if isinstance(origin, Source) else origin.sources()
+    return ", ".join(dict.fromkeys(labels.get(id(s), repr(s.name)) for s in srcs))
 
 
 def _detach_sourced(args: tuple[Any, ...], kwargs: dict[str, Any], origins: dict[int, Origin]) -> tuple[tuple[Any, ...], dict[str, Any]]:

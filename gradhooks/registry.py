@@ -9,13 +9,14 @@ its parameters, like any module without a rule.
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar, overload
+from collections.abc import Callable
+from typing import TypeVar, overload
 
 from torch import nn
 
 from .rule import Rule
 
-__all__ = ["register_rule", "unregister_rule", "rule_for"]
+__all__ = ["register_rule", "unregister_rule", "rule_for", "registered_rule"]
 
 _RULES: dict[type[nn.Module], Rule] = {}
 
@@ -104,5 +105,15 @@ def rule_for(module: nn.Module) -> Rule | None:
         if found is not None:
             if type(module).forward is not cls.forward and not found.subclass_forward_ok:
                 return None
+            return found
+    return None
+
+
+def registered_rule(module_type: type[nn.Module]) -> Rule | None:
+    """The rule registered for ``module_type`` or its nearest registered base class
+    (what an instance that does not override ``forward`` gets); ``None`` if none."""
+    for cls in module_type.__mro__:
+        found = _RULES.get(cls)
+        if found is not None:
             return found
     return None

@@ -39,6 +39,7 @@ class PerSampleGrads(Mapping[str, Tensor]):
     def __init__(self, params: dict[str, torch.nn.Parameter], loss_reduction: str, materialize: bool) -> None:
         self._params = dict(params)
         self._names = list(params)
+        self._entered = list(params)  # covered on entry; strict=False may leave some out at exit
         self._loss_reduction = loss_reduction
         self._materialize = materialize
         self._state: _State = "open"
@@ -258,3 +259,18 @@ class PerSampleGrads(Mapping[str, Tensor]):
     @property
     def _covered_names(self) -> Sequence[str]:
         return self._names
+
+    def _left_out(self) -> list[str]:
+        """Trainable parameters this result does not cover: those ``strict=False`` left out
+        at exit (their ``p.grad`` is backward's raw gradient). Empty with ``strict=True``."""
+        return [k for k in self._entered if k not in self._params]
+
+    def _add_weighted_(self, weights: Tensor, names: Sequence[str]) -> None:
+        """``p.grad := grad_before_context + sum_n weights[n] g[name][n]`` for ``names``, on this
+        process alone: no collective, no noise, no finiteness check (the DP toolkit adds each
+        micro-batch this way, one call per clipping group, and reduces once per logical batch).
+        ``weights``: ``(N,)``, in per-sample units."""
+        account = self._require()
+        scale = self._grad_scale if self._grad_scale is not None else 1.0
+        params = {k: self._params[k] for k in names}
+        clip.write_clipped(account, params, self._before, weights * scale, sparse=self._sparse)

@@ -67,8 +67,8 @@ def _rule_sums(site: Site, live: list, acc: torch.dtype, device: torch.device, c
     got = cache.get(id(site))
     if got is None:
         ones = torch.ones(_batch_of(live), device=device, dtype=acc)
-        sums = site.rule.weighted_sum(site.module, live, site.names, ones)
-        mags = site.rule.magnitudes(site.module, live, site.names)
+        sums = site.run("weighted_sum", live, site.names, ones)
+        mags = site.run("magnitudes", live, site.names)
         got = cache[id(site)] = (sums, mags)
     return got
 
@@ -266,7 +266,8 @@ def verify_dense_rules(sites: Sequence[Site]) -> None:
                 got = value.sum(0).to(tracked[1].dtype)
                 err = float(torch.linalg.vector_norm(got - tracked[1]))
                 rows = max(1.0, float(call.memo.get("rows", 1)))
-                tol = SAFETY * _eps(tracked[1].dtype) * long_sum_slack(rows) * float(torch.linalg.vector_norm(mag)) + 1e-30
+                eps = max(_eps(tracked[1].dtype), float(call.memo.get("eps", 0.0)))  # the least precise input's
+                tol = SAFETY * eps * long_sum_slack(rows) * float(torch.linalg.vector_norm(mag)) + 1e-30
                 if err > tol:
                     problems.append(f"{site.label} ({local}): relative difference {err / max(float(torch.linalg.vector_norm(got)), 1e-300):.2g}")
     if problems:

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .capture import Call
+from .errors import GradhooksError, RuleError
 from .rule import Rule, accumulation_dtype, squared_norms_of
 from .trace.derive import Chain, Source
 
@@ -58,6 +59,20 @@ class Site:
         if callable(self.labeler):
             self.labeler = self.labeler()
         return self.labeler
+
+    def run(self, method: str, calls: Sequence[Call], *args: Any) -> Any:
+        """``self.rule.<method>(self.module, calls, *args)``; a failure inside the rule
+        becomes a :class:`~gradhooks.errors.RuleError` naming the site and the rule."""
+        try:
+            return getattr(self.rule, method)(self.module, calls, *args)
+        except (GradhooksError, torch.OutOfMemoryError):
+            raise
+        except Exception as err:
+            raise RuleError(
+                f"{self.label}: {type(self.rule).__name__}.{method} failed on the recorded calls "
+                f"({type(err).__name__}: {err}). If this is your rule (register_rule), test it with "
+                "gradhooks.check_rule(rule, module, inputs); otherwise please report it."
+            ) from err
 
     @property
     def refusable(self) -> bool:
@@ -102,8 +117,8 @@ class Pool:
     def per_sample(self, cache: _SiteCache | None = None) -> Tensor:
         """``(N, *c.shape)``, the rule's per-sample gradient of its tensor."""
         if cache is not None:
-            return cache.get(self, lambda names: self.site.rule.per_sample(self.site.module, self.calls, names))
-        return self.site.rule.per_sample(self.site.module, self.calls, [self.local])[self.local]
+            return cache.get(self, lambda names: self.site.run("per_sample", self.calls, names))
+        return self.site.run("per_sample", self.calls, [self.local])[self.local]
 
 
 class _SiteCache:
@@ -193,7 +208,7 @@ def per_sample(covered: Sequence[Covered], n: int, unit: float = 1.0, buffers: d
         buf = buffers.get(cov.name)
         if buf is not None and pools and all(pl.chain.identity for pl in pools):
             for k, pool in enumerate(pools):
-                pool.site.rule.per_sample_into(pool.site.module, pool.calls, [pool.local], {pool.local: buf}, {pool.local: k > 0})
+                pool.site.run("per_sample_into", pool.calls, [pool.local], {pool.local: buf}, {pool.local: k > 0})
             out[cov.name] = buf
             continue
         t = _parameter_per_sample(cov, pools, n, cache)
@@ -241,7 +256,7 @@ def squared_norms(covered: Sequence[Covered], n: int, groups: Sequence[Any] = ()
         elif (len(pools) == 1 and pools[0].chain.injective()) or _disjoint(pools):
             total = None
             for pool in pools:
-                t = cache.get(pool, lambda names, pool=pool: pool.site.rule.squared_norms(pool.site.module, pool.calls, names))
+                t = cache.get(pool, lambda names, pool=pool: pool.site.run("squared_norms", pool.calls, names))
                 total = t if total is None else total + t
             out[cov.name] = total  # type: ignore[assignment]
         else:
@@ -253,7 +268,8 @@ def weighted_sums(covered: Sequence[Covered], weights: Tensor, out: dict[str, Te
                   groups: Sequence[Any] = ()) -> dict[str, Tensor]:
     """``{name: p.shape}``: ``sum_n weights[n] * raw_n``, float32+. With ``out``, added
     into those tensors in place (``clip_`` writes straight into ``p.grad``); an entry
-    of ``None`` is a fresh buffer, which a stacked group's result may simply become."""
+    of ``None`` is a fresh buffer, which a stacked group's (or a single rule call's)
+    result may simply become."""
     result: dict[str, Any] = {} if out is None else out
     by_name, cache = _all_pools(covered)
     stacked = _stacked(groups, "sums", weights)
@@ -262,33 +278,58 @@ def weighted_sums(covered: Sequence[Covered], weights: Tensor, out: dict[str, Te
         if result.get(cov.name) is None and len(pools) == 1 and pools[0].alone and id(pools[0].site) in stacked:
             result[cov.name] = stacked[id(pools[0].site)][pools[0].local]  # a view of the group's result
             pools.clear()
+    adopt = _adoptable(covered, by_name, {cov.name for cov in covered if result.get(cov.name) is None}, stacked)
     targets: dict[tuple[int, str], Tensor] = {}
     for cov in covered:
-        p = cov.param
+        p, pools = cov.param, by_name[cov.name]
+        if pools and id(pools[0].site) in adopt:
+            # The rule's allocating form becomes the result: no zero-fill (and read)
+            # of p.shape memory.
+            pool = pools[0]
+            result[cov.name] = cache.get(pool, lambda names, pool=pool: pool.site.run("weighted_sum", pool.calls, names, weights))
+            pools.clear()
+            continue
         if result.get(cov.name) is None:
             result[cov.name] = torch.zeros(p.shape, dtype=accumulation_dtype(p.dtype), device=p.device)
-        for pool in by_name[cov.name]:
+        for pool in pools:
             if pool.chain.identity:
                 targets[(id(pool.site), pool.local)] = result[cov.name]
     for cov in covered:
-        target = result[cov.name]
         for pool in by_name[cov.name]:
-            rule, module = pool.site.rule, pool.site.module
-            if pool.alone and id(pool.site) in stacked:
-                target.add_(stacked[id(pool.site)][pool.local].to(target.dtype))
-            elif pool.chain.identity:
-                site_id = id(pool.site)
-
-                def into(names: list[str], pool: Pool = pool, site_id: int = site_id, target: Tensor = target) -> dict[str, None]:
-                    outs = {nm: targets[(site_id, nm)] for nm in names} if pool.alone else {pool.local: target}
-                    pool.site.rule.weighted_sum_into(pool.site.module, pool.calls, names, weights, outs)
-                    return dict.fromkeys(names)
-
-                cache.get(pool, into)
-            else:
-                s = rule.weighted_sum(module, pool.calls, [pool.local], weights)[pool.local]
-                target.add_(pool.chain.pull(s)[id(cov.source)].to(target.dtype))
+            _add_pool(pool, cov, result[cov.name], weights, stacked, cache, targets)
     return result
+
+
+def _add_pool(pool: Pool, cov: Covered, target: Tensor, weights: Tensor, stacked: dict[int, dict[str, Tensor]],
+              cache: _SiteCache, targets: dict[tuple[int, str], Tensor]) -> None:
+    """``target += sum_n weights[n] * (pool's raw_n mapped to cov's parameter)``."""
+    site_id = id(pool.site)
+    if pool.alone and site_id in stacked:
+        target.add_(stacked[site_id][pool.local].to(target.dtype))
+    elif pool.chain.identity:
+
+        def into(names: list[str]) -> dict[str, None]:
+            outs = {nm: targets[(site_id, nm)] for nm in names} if pool.alone else {pool.local: target}
+            pool.site.run("weighted_sum_into", pool.calls, names, weights, outs)
+            return dict.fromkeys(names)
+
+        cache.get(pool, into)
+    else:
+        s = pool.site.run("weighted_sum", pool.calls, [pool.local], weights)[pool.local]
+        target.add_(pool.chain.pull(s)[id(cov.source)].to(target.dtype))
+
+
+def _adoptable(covered: Sequence[Covered], by_name: dict[str, list[Pool]], fresh: set[str], stacked: dict[int, Any]) -> set[int]:
+    """Sites whose every name is the one contribution (alone, identity) of a
+    parameter without a target yet: their weighted sums can simply become the result."""
+    ok: dict[int, bool] = {}
+    for cov in covered:
+        pools = by_name[cov.name]
+        for pool in pools:
+            single = len(pools) == 1 and pool.alone and pool.chain.identity and cov.name in fresh
+            key = id(pool.site)
+            ok[key] = ok.get(key, True) and single and key not in stacked
+    return {k for k, v in ok.items() if v}
 
 
 def dots(covered: Sequence[Covered], others: dict[str, Tensor], n: int) -> dict[str, Tensor]:
@@ -302,7 +343,7 @@ def dots(covered: Sequence[Covered], others: dict[str, Tensor], n: int) -> dict[
         total = torch.zeros(n, dtype=acc, device=cov.param.device)
         for pool in by_name[cov.name]:
             tangent = pool.chain.push({id(cov.source): v.to(device=cov.param.device, dtype=cov.param.dtype)})
-            got = pool.site.rule.dots(pool.site.module, pool.calls, [pool.local], {pool.local: tangent})[pool.local]
+            got = pool.site.run("dots", pool.calls, [pool.local], {pool.local: tangent})[pool.local]
             total = total + got.to(acc)
         out[cov.name] = total
     return out

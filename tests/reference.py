@@ -44,7 +44,7 @@ def naive(model: nn.Module, loss: Loss, *batch: Tensor, shared: Sequence[Any] = 
             grads = [p.grad for p in params.values()]
         else:
             grads = torch.autograd.grad(value, list(params.values()), allow_unused=True)
-        for (k, p), g_ in zip(params.items(), grads):
+        for (k, p), g_ in zip(params.items(), grads, strict=False):
             out[k].append(torch.zeros_like(p) if g_ is None else g_)
     for k, p in params.items():
         p.grad = saved[k]

@@ -92,13 +92,13 @@ def test_grad_scaler_results_are_unscaled(materialize):
             torch.testing.assert_close(g[k], ref[k], rtol=1e-5, atol=1e-7)
     c = g.clip_(0.5)
     torch.testing.assert_close(c, ref.clip_(0.5), rtol=1e-5, atol=0)
-    for p, q in zip(model.parameters(), plain.parameters()):
+    for p, q in zip(model.parameters(), plain.parameters(), strict=False):
         # p.grad is in the scaler's units, so scaler.step unscales it as usual
         torch.testing.assert_close(p.grad / scaler.get_scale(), q.grad, rtol=1e-5, atol=1e-8)
     scaler.step(opt)
     scaler.update()
     torch.optim.SGD(plain.parameters(), lr=0.1).step()
-    for p, q in zip(model.parameters(), plain.parameters()):
+    for p, q in zip(model.parameters(), plain.parameters(), strict=False):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
 
 
@@ -110,7 +110,7 @@ def test_grad_scaler_overflow_skips_the_step(materialize):
     g.clip_(0.5)  # no FloatingPointError: the scaler handles overflow
     scaler.step(opt)
     scaler.update()
-    for p, s in zip(model.parameters(), start):
+    for p, s in zip(model.parameters(), start, strict=False):
         torch.testing.assert_close(p.detach(), s, rtol=0, atol=0)
     assert scaler.get_scale() < 2.0**12
 

@@ -11,7 +11,9 @@ from torch import nn
 
 from gradhooks import per_sample_grads
 from gradhooks.diagnostics import (
+    NoiseScale,
     NormStats,
+    RunningNoiseScale,
     cosine_to,
     cosine_to_batch,
     mean_gradient,
@@ -116,7 +118,10 @@ def test_noise_scale_mean_gradient_and_cosines(make_model, make_input, reduction
     got = noise_scale(g)
     assert got.batch_size == n
     np.testing.assert_allclose([got.trace_cov, got.grad_sq], [trace, grad_sq], rtol=1e-9, atol=1e-12)
-    assert got.b_simple == pytest.approx(trace / grad_sq if grad_sq > 0 else float("inf"), rel=1e-9)
+    if grad_sq > 0:
+        assert got.b_simple == pytest.approx(trace / grad_sq, rel=1e-9)
+    else:
+        assert got.b_simple is None
 
     mean = mean_gradient(g)
     for k in ref:
@@ -167,3 +172,80 @@ def test_errors_and_edge_cases():
     zero = {k: torch.zeros_like(v[0]) for k, v in ref.items()}
     assert torch.equal(cosine_to(g, zero), torch.zeros(1, dtype=torch.float64))
     assert "p50" in str(NormStats.of(torch.arange(4.0)))
+
+
+def _by_hand(per_sample: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """(tr(Sigma), |G|^2) of one batch from its per-sample gradients (unbiased variances)."""
+    all_ = flat(per_sample)
+    trace = all_.var(0, unbiased=True).sum().item()
+    return trace, all_.mean(0).square().sum().item() - trace / all_.shape[0]
+
+
+@pytest.mark.parametrize("materialize", MODES)
+@pytest.mark.parametrize("beta", [0.0, 0.5, 0.9])
+def test_running_noise_scale_is_the_normalised_moving_average(materialize, beta):
+    """Five batches of different sizes: the tracker's averages against explicit weights
+    (1 - beta) beta^(T - t) / (1 - beta^T) on values computed from the naive loop."""
+    torch.manual_seed(1)
+    model = mlp().double()
+    tracker = RunningNoiseScale(beta)
+    parts = []
+    for n in (3, 7, 5, 9, 4):
+        x, y = flat_input(n), torch.randint(0, 3, (n,))
+
+        def loss(m, x, y):
+            return F.cross_entropy(m(x), y)
+
+        parts.append(_by_hand(reference.naive(model, loss, x, y)))
+        with per_sample_grads(model, materialize=materialize) as g:
+            loss(model, x, y).backward()
+        model.zero_grad(set_to_none=True)
+        step = tracker.update(g)
+        np.testing.assert_allclose([step.trace_cov, step.grad_sq], parts[-1], rtol=1e-9, atol=1e-12)
+        t = len(parts)
+        w = np.array([(1 - beta) * beta ** (t - 1 - k) for k in range(t)]) / (1 - beta**t)
+        trace, sq = (w[:, None] * np.array(parts)).sum(0)
+        assert tracker.steps == t
+        np.testing.assert_allclose([tracker.trace_cov, tracker.grad_sq], [trace, sq], rtol=1e-9, atol=1e-12)
+        if sq > 0:
+            assert tracker.b_simple == pytest.approx(trace / sq, rel=1e-9) and tracker.reason is None
+        else:
+            assert tracker.b_simple is None and "<= 0" in (tracker.reason or "")
+
+
+def test_running_noise_scale_finds_b_where_one_batch_cannot():
+    """Gaussian per-sample gradients with known tr(Sigma) and |G|^2 (a Linear with input 1
+    and output gradient g_n): one batch of 4 gives no ratio or a wild one; the running
+    average over 1500 steps comes within 20% of the true B = tr(Sigma) / |G|^2 (the
+    worst of 50 seeds of this estimator was 14% off)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(1, 2, bias=False).double()
+    mu, scale = torch.tensor([0.4, -0.3], dtype=torch.float64), 0.7
+    true_b = 2 * scale**2 / mu.square().sum().item()
+    tracker, one_batch = RunningNoiseScale(beta=0.999), []
+    for _ in range(1500):
+        gn = mu + scale * torch.randn(4, 2, dtype=torch.float64)
+        with per_sample_grads(layer, loss_reduction="sum", materialize=False) as g:
+            (layer(torch.ones(4, 1, dtype=torch.float64)) * gn).sum().backward()
+        layer.zero_grad(set_to_none=True)
+        one_batch.append(tracker.update(g).b_simple)
+    assert sum(b is None for b in one_batch) > 200  # |G|^2's one-batch estimate is often negative
+    assert tracker.b_simple == pytest.approx(true_b, rel=0.2)
+    assert "b_simple=" in repr(tracker)
+
+
+def test_running_noise_scale_edge_cases():
+    tracker = RunningNoiseScale()
+    assert tracker.b_simple is None and tracker.trace_cov is None and "no step yet" in (tracker.reason or "")
+    negative = NoiseScale(batch_size=4, trace_cov=1.0, grad_sq=-0.5)
+    assert negative.b_simple is None
+    assert tracker.update(negative) is negative
+    assert tracker.b_simple is None and "-0.5 <= 0" in (tracker.reason or "") and "None (" in repr(tracker)
+    tracker.update(NoiseScale(batch_size=4, trace_cov=1.0, grad_sq=2.5))
+    assert tracker.grad_sq == pytest.approx((0.99 * 0.01 * -0.5 + 0.01 * 2.5) / (1 - 0.99**2), rel=1e-12)
+    assert tracker.b_simple == pytest.approx(1.0 / tracker.grad_sq, rel=1e-12)
+    for bad in (1.0, -0.1, True, "0.9"):
+        with pytest.raises(ValueError, match="beta must be"):
+            RunningNoiseScale(bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="names= applies to a PerSampleGrads"):
+        tracker.update(negative, names=["w"])

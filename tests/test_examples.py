@@ -43,6 +43,17 @@ def test_dp_sgd_digits_quick(capsys):
     assert eps == round(want, 2)
 
 
+def test_dp_compare_digits_quick(capsys):
+    """The comparison table runs; the DP rows share one accountant's epsilon (same q, sigma, steps)."""
+    pytest.importorskip("opacus")
+    result = load("dp_compare_digits").main(["--quick", "--epochs", "1", "--models", "mlp"])
+    out = capsys.readouterr().out
+    assert "| mlp | gradhooks DPSGD |" in out and "| mlp | Opacus hooks |" in out, out
+    ours, theirs = result[("mlp", "gradhooks DPSGD")], result[("mlp", "Opacus hooks")]
+    assert ours["epsilon"] == pytest.approx(theirs["epsilon"], rel=1e-12) and 0 < ours["epsilon"] < 10
+    assert ours["acc"] > 0.2 and result[("mlp", "non-private")]["acc"] > 0.5, out  # chance is 0.1
+
+
 def test_find_mislabeled_quick(capsys, tmp_path):
     png = tmp_path / "norms.png"
     result = load("find_mislabeled").main(["--quick", "--out", str(png)])

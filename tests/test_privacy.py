@@ -1,5 +1,7 @@
-"""gradhooks.privacy: DP-SGD noise (formula, scale, reproducibility, accumulation),
-argument checks, the Poisson sampler, and the accountant wiring to Opacus."""
+"""gradhooks.privacy's low-level steps: noise (formula, scale, reproducibility, one draw
+per logical batch), the hazards they refuse (frozen parameters, strict=False results,
+noise on an accumulated gradient), argument checks, the Poisson sampler, and the
+accountant wiring to Opacus (including its state dict)."""
 
 from __future__ import annotations
 
@@ -11,8 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradhooks import per_sample_grads
-from gradhooks.privacy import Accountant, PoissonBatchSampler, add_noise_, epsilon, noise_multiplier_for, privatize_
+from gradhooks import GradhooksError, per_sample_grads
+from gradhooks.privacy import (
+    Accountant,
+    DPUsageError,
+    PoissonBatchSampler,
+    UncoveredParameterError,
+    add_noise_,
+    epsilon,
+    noise_multiplier_for,
+    privatize_,
+)
 from tests import reference
 
 TOL = {"rtol": 1e-9, "atol": 1e-12}
@@ -61,12 +72,10 @@ CASES = [
 
 @pytest.mark.parametrize("materialize", [True, False], ids=["materialized", "lean"])
 @pytest.mark.parametrize("reduction,expected,div", CASES)
-def test_formula_with_accumulation(reduction, expected, div, materialize):
-    """p.grad = before + (sum_n c_n g_n + sigma C z) / D, z the generator's draws in key order."""
+def test_formula(reduction, expected, div, materialize):
+    """p.grad = (sum_n c_n g_n + sigma C z) / D, z the generator's draws in key order."""
     model = net()
     x, y = data()
-    loss_fn(reduction)(model, x[:3], y[:3]).backward()  # an earlier micro-batch
-    prior = grads(model)
     g = run(model, reduction, materialize)
     ref = reference.naive(model, loss_fn(reduction), x, y)
     summed, want_c = reference.clipped(ref, 0.4, "sum")
@@ -75,13 +84,111 @@ def test_formula_with_accumulation(reduction, expected, div, materialize):
     torch.testing.assert_close(c, want_c, **TOL)
     z = draws(model, 7, 1.3 * 0.4)
     for k, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, prior[k] + (summed[k] + z[k]) / div, **TOL)
+        torch.testing.assert_close(p.grad, (summed[k] + z[k]) / div, **TOL)
     # A second call redraws the noise; it never stacks.
     privatize_(g, max_norm=0.4, noise_multiplier=1.3, expected_batch_size=expected,
                generator=torch.Generator().manual_seed(8))
     z = draws(model, 8, 1.3 * 0.4)
     for k, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, prior[k] + (summed[k] + z[k]) / div, **TOL)
+        torch.testing.assert_close(p.grad, (summed[k] + z[k]) / div, **TOL)
+
+
+@pytest.mark.parametrize("reduction,expected,div", CASES)
+def test_micro_batches_clip_then_one_noise_draw(reduction, expected, div):
+    """Clipping alone composes with accumulation; add_noise_ once gives the one-draw step."""
+    model = net()
+    x, y = data()
+    parts = [(x[:3], y[:3]), (x[3:], y[3:])]
+    want = None
+    for xs, ys in parts:
+        with per_sample_grads(model, loss_reduction=reduction, materialize=False) as g:
+            loss_fn(reduction)(model, xs, ys).backward()
+        privatize_(g, max_norm=0.4, noise_multiplier=0.0, expected_batch_size=expected)
+        part, _ = reference.clipped(reference.naive(model, loss_fn(reduction), xs, ys), 0.4, "sum")
+        d = div if expected is not None else (len(xs) if reduction == "mean" else 1.0)
+        want = {k: v / d for k, v in part.items()} if want is None else {k: want[k] + v / d for k, v in part.items()}
+    add_noise_(model.parameters(), std=1.3 * 0.4 / div, generator=torch.Generator().manual_seed(7))
+    z = draws(model, 7, 1.3 * 0.4)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[k] + z[k] / div, **TOL)
+
+
+def test_noise_on_an_accumulated_gradient_is_refused():
+    """Full sigma on every micro-batch (twice the noise the accountant counts) raises;
+    p.grad is left as it was."""
+    model = net()
+    x, y = data()
+    loss_fn("sum")(model, x[:3], y[:3]).backward()  # an earlier micro-batch, or a step not cleared
+    g = run(model, "sum")
+    left = grads(model)
+    with pytest.raises(DPUsageError, match="noise_multiplier=0 and call add_noise_ once") as info:
+        privatize_(g, max_norm=0.4, noise_multiplier=1.3, expected_batch_size=4.0)
+    assert isinstance(info.value, GradhooksError)
+    assert all(torch.equal(p.grad, left[k]) for k, p in model.named_parameters())
+    privatize_(g, max_norm=0.4, noise_multiplier=0.0, expected_batch_size=4.0)  # clipping alone: fine
+
+
+def test_add_noise_leaves_frozen_parameters_alone():
+    """An empty step with SGD(model.parameters()) must not move frozen weights (nor reveal
+    the empty step by moving them); trainable ones get exactly the generator's draws."""
+    model = net()
+    model[0].weight.requires_grad_(False)
+    frozen = model[0].weight.detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    opt.zero_grad(set_to_none=True)
+    add_noise_(model.parameters(), std=0.25, generator=torch.Generator().manual_seed(9))
+    assert model[0].weight.grad is None
+    gen = torch.Generator().manual_seed(9)
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, 0.25 * torch.randn(p.shape, generator=gen, dtype=p.dtype), **TOL)
+    opt.step()
+    assert torch.equal(model[0].weight, frozen)
+
+
+def test_add_noise_for_an_empty_batch_draws_once_per_parameter():
+    model = net()
+    params = list(model.parameters())
+    add_noise_(params + params[:1], std=0.25, generator=torch.Generator().manual_seed(9))
+    z = draws(model, 9, 0.25)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, z[k], **TOL)
+
+
+class Unruled(nn.Module):
+    """A parameter used through an op with no per-sample rule (a transposed conv)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.centers = nn.Parameter(torch.randn(1, 1, 1, dtype=torch.float64))
+
+    def forward(self, x):
+        return F.conv_transpose1d(x.unsqueeze(1), self.centers).squeeze(1)
+
+
+@pytest.mark.backward_mode("default")  # one_backward=True refuses strict=False skips itself
+def test_privatize_refuses_a_result_that_left_parameters_out():
+    """strict=False leaves '1.centers' with its raw gradient: privatizing would release it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), Unruled(), nn.Linear(6, 3)).double()
+    x, y = data()
+    with pytest.warns(UserWarning, match="strict=False"):
+        with per_sample_grads(model, loss_reduction="sum", materialize=False, strict=False) as g:
+            loss_fn("sum")(model, x, y).backward()
+    raw = grads(model)
+    with pytest.raises(UncoveredParameterError, match=r"\['1.centers'\].*requires_grad_\(False\)") as info:
+        privatize_(g, max_norm=1.0, noise_multiplier=1.0, expected_batch_size=4.0)
+    assert isinstance(info.value, GradhooksError)
+    for k, p in model.named_parameters():
+        assert torch.equal(p.grad, raw[k])
+    g.clip_(1.0)  # plain clipping of a partial result stays allowed (not a privacy claim)
+    # Frozen, the same model privatizes.
+    model[1].centers.requires_grad_(False)
+    model.zero_grad(set_to_none=True)
+    with per_sample_grads(model, loss_reduction="sum", materialize=False) as g:
+        loss_fn("sum")(model, x, y).backward()
+    privatize_(g, max_norm=1.0, noise_multiplier=1.0, expected_batch_size=4.0)
+    assert model[1].centers.grad is None
 
 
 @pytest.mark.parametrize("reduction,expected,div", CASES)
@@ -133,14 +240,6 @@ def test_grad_scaler_units():
     z = draws(model, 2, 1.5 * 0.4)
     for k, p in model.named_parameters():
         torch.testing.assert_close(p.grad, 2.0**6 * (summed[k] + z[k]) / 4.0, **TOL)
-
-
-def test_add_noise_for_an_empty_batch():
-    model = net()
-    add_noise_(model.parameters(), std=0.25, generator=torch.Generator().manual_seed(9))
-    z = draws(model, 9, 0.25)
-    for k, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, z[k], **TOL)
 
 
 BAD = [
@@ -249,3 +348,25 @@ def test_accountant_errors(monkeypatch):
     monkeypatch.setitem(sys.modules, "opacus.accountants", None)
     with pytest.raises(ImportError, match=r"gradhooks\[privacy\]"):
         Accountant()
+
+
+def test_accountant_and_sampler_state_round_trip(tmp_path):
+    """Saved and loaded with torch.load(weights_only=True): the same epsilon, the same batches next."""
+    pytest.importorskip("opacus.accountants")
+    acc = Accountant("rdp")
+    acc.step(noise_multiplier=1.1, sample_rate=0.01, steps=40)
+    acc.step(noise_multiplier=2.0, sample_rate=0.01, steps=5)
+    sampler = PoissonBatchSampler(100, 0.1, generator=torch.Generator().manual_seed(3))
+    next(iter(sampler))
+    torch.save({"acc": acc.state_dict(), "sampler": sampler.state_dict()}, tmp_path / "s.pt")
+    state = torch.load(tmp_path / "s.pt", weights_only=True)
+    again = Accountant("rdp")
+    again.load_state_dict(state["acc"])
+    assert again.steps == 45 and again.epsilon(1e-5) == acc.epsilon(1e-5)
+    resumed = PoissonBatchSampler(100, 0.1, generator=torch.Generator())
+    resumed.load_state_dict(state["sampler"])
+    assert resumed.draw().tolist() == sampler.draw().tolist()
+    with pytest.raises(ValueError, match="mechanism"):
+        Accountant("prv").load_state_dict(state["acc"])
+    with pytest.raises(ValueError, match="dataset_size"):
+        PoissonBatchSampler(99, 0.1).load_state_dict(state["sampler"])

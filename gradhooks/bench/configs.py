@@ -1,24 +1,31 @@
-"""The benchmark's models and data: float32, random data, ReLU between layers.
+"""The benchmark's configurations: a model, a batch and a loss each, float32, random data.
 
-Every configuration builds, from a seed, a model, a batch ``(x, y)`` and a loss
-``loss(out, y, reduction)`` whose ``"none"`` reduction is ``(N,)`` (one loss
-term per sample; ``"mean"`` averages them). ``scale="small"`` gives the same
-architecture at tiny sizes (N=4, narrow layers) for the correctness column.
+Every configuration builds, from a seed, a model (:mod:`gradhooks.bench.models`),
+a batch ``(x, y)`` and a loss ``loss(out, y, reduction)`` whose ``"none"``
+reduction is ``(N,)`` (one loss term per sample; ``"mean"`` averages them).
+``scale="small"`` gives the same architecture at tiny sizes (N=4, narrow
+layers) for the correctness column. ``label`` is the name plots and tables
+show a newcomer; ``name`` is what ``--configs`` takes.
 """
 
 from __future__ import annotations
 
-import math
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Case", "Config", "CONFIGS", "GROUPS", "select_configs"]
+from . import models
 
-LossFn = Callable[[Tensor, Tensor, str], Tensor]
+__all__ = ["Case", "Config", "CONFIGS", "GROUPS", "LossFn", "QUICK", "select_configs"]
+
+
+class LossFn(Protocol):
+    def __call__(self, out: Tensor, y: Tensor, reduction: str = "mean") -> Tensor: ...
 
 
 def bce(out: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
@@ -34,6 +41,14 @@ def cross_entropy(out: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
 def mse(out: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
     """Squared error; ``out`` ``(N, 1)``, ``y`` ``(N,)``."""
     return F.mse_loss(out.squeeze(-1), y, reduction=reduction)
+
+
+def next_token(out: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
+    """Language-model loss: ``out`` ``(N, T, vocab)`` logits, ``y`` ``(N, T)`` targets;
+    each sample's term is its mean cross-entropy over the T positions."""
+    n, t, v = out.shape
+    per_sample = F.cross_entropy(out.reshape(n * t, v), y.reshape(n * t), reduction="none").reshape(n, t).mean(1)
+    return per_sample if reduction == "none" else per_sample.sum() if reduction == "sum" else per_sample.mean()
 
 
 @dataclass
@@ -56,11 +71,23 @@ class Case:
 
 @dataclass
 class Config:
-    """A named benchmark setting; ``build(scale, dtype, device)`` makes a :class:`Case`."""
+    """A named benchmark setting; ``build(scale, dtype, device)`` makes a :class:`Case`.
+    ``needs``: modules that must import (else the configuration is skipped, saying so)."""
 
     name: str
+    label: str
     description: str
     factory: Callable[[str], Case]
+    needs: tuple[str, ...] = ()
+
+    def missing(self) -> str | None:
+        """``None`` when buildable, else why not (``"needs transformers (pip install transformers)"``)."""
+        for mod in self.needs:
+            try:
+                importlib.import_module(mod)
+            except Exception as err:  # ImportError, or a broken install
+                return f"needs {mod} (pip install {mod}; import failed: {type(err).__name__})"
+        return None
 
     def build(self, scale: str = "full", dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0) -> Case:
         torch.manual_seed(seed)
@@ -71,23 +98,10 @@ class Config:
         return Case(case.model, x, y, case.loss)
 
 
-def relu_mlp(widths: list[int]) -> nn.Sequential:
-    """Linear layers ``widths[0] -> ... -> widths[-1]``, ReLU between, He-normal weights
-    (keeps activations O(1) through 50 layers)."""
-    layers: list[nn.Module] = []
-    for k, (i, o) in enumerate(zip(widths[:-1], widths[1:])):
-        lin = nn.Linear(i, o)
-        nn.init.kaiming_normal_(lin.weight, nonlinearity="relu")
-        layers.append(lin)
-        if k < len(widths) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
-
-
 def seed_mlp(n: int, width: int, hidden: int) -> Case:
     """The per-example-gradient write-up's MLP: ``hidden`` Linear(width, width) + ReLU,
     a Linear(width, 1) head, BCE with logits; input ``(n, width)``."""
-    model = relu_mlp([width] * (hidden + 1) + [1])
+    model = models.relu_mlp([width] * (hidden + 1) + [1])
     return Case(model, torch.randn(n, width), torch.randint(0, 2, (n,)).float(), bce)
 
 
@@ -104,119 +118,92 @@ def seed_row(n: int, d: int, layers: int) -> Callable[[str], Case]:
 
 def mnist_mlp(scale: str) -> Case:
     n, widths = (256, [784, 1024, 1024, 10]) if scale == "full" else (4, [12, 9, 8, 10])
-    return Case(relu_mlp(widths), torch.randn(n, widths[0]), torch.randint(0, 10, (n,)), cross_entropy)
-
-
-class SequenceModel(nn.Module):
-    """``(N, T, d)``: two Linear(d, d) on the last dim with ReLU, mean over T, Linear(d, 1)."""
-
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(d, d)
-        self.fc2 = nn.Linear(d, d)
-        self.head = nn.Linear(d, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = torch.relu(self.fc2(torch.relu(self.fc1(x))))
-        return self.head(h.mean(1))
+    return Case(models.relu_mlp(widths), torch.randn(n, widths[0]), torch.randint(0, 10, (n,)), cross_entropy)
 
 
 def sequence(scale: str) -> Case:
     n, t, d = (32, 128, 256) if scale == "full" else (4, 5, 6)
-    return Case(SequenceModel(d), torch.randn(n, t, d), torch.randn(n), mse)
-
-
-def small_cnn() -> nn.Sequential:
-    """CIFAR-like: Conv2d 3->32 k3, ReLU, Conv2d 32->64 k3 stride 2, ReLU, avg-pool, Linear 64->10."""
-    return nn.Sequential(
-        nn.Conv2d(3, 32, 3),
-        nn.ReLU(),
-        nn.Conv2d(32, 64, 3, stride=2),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(64, 10),
-    )
+    return Case(models.SequenceModel(d), torch.randn(n, t, d), torch.randn(n), mse)
 
 
 def cnn(scale: str) -> Case:
     n, side = (128, 32) if scale == "full" else (4, 8)
-    return Case(small_cnn(), torch.randn(n, 3, side, side), torch.randint(0, 10, (n,)), cross_entropy)
+    return Case(models.small_cnn(), torch.randn(n, 3, side, side), torch.randint(0, 10, (n,)), cross_entropy)
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention built from nn.Linear (q, k, v, out)."""
-
-    def __init__(self, d: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.q, self.k, self.v, self.out = (nn.Linear(d, d) for _ in range(4))
-
-    def forward(self, x: Tensor) -> Tensor:
-        n, t, d = x.shape
-        h = self.heads
-
-        def split(z: Tensor) -> Tensor:
-            return z.reshape(n, t, h, d // h).transpose(1, 2)
-
-        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
-        weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // h), dim=-1)
-        return self.out((weights @ v).transpose(1, 2).reshape(n, t, d))
-
-
-class TransformerBlock(nn.Module):
-    """Token + position embeddings, one pre-norm block (attention, ReLU MLP),
-    final LayerNorm, mean over positions, Linear head. Input: token ids ``(N, T)``."""
-
-    def __init__(self, vocab: int, t: int, d: int, heads: int, classes: int) -> None:
-        super().__init__()
-        self.tok = nn.Embedding(vocab, d)
-        self.pos = nn.Embedding(t, d)
-        self.ln1 = nn.LayerNorm(d)
-        self.attn = Attention(d, heads)
-        self.ln2 = nn.LayerNorm(d)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.ReLU(), nn.Linear(4 * d, d))
-        self.ln_f = nn.LayerNorm(d)
-        self.head = nn.Linear(d, classes)
-
-    def forward(self, ids: Tensor) -> Tensor:
-        n, t = ids.shape
-        # Position ids as a contiguous (N, T) tensor, so every method sees batch-N
-        # inputs (Opacus's ghost embedding norm calls .view() on them: an expanded
-        # (1, T) -> (N, T) tensor makes it raise).
-        positions = torch.arange(t, device=ids.device).repeat(n, 1)
-        h = self.tok(ids) + self.pos(positions)
-        h = h + self.attn(self.ln1(h))
-        h = h + self.mlp(self.ln2(h))
-        return self.head(self.ln_f(h).mean(1))
+def gn_cnn(scale: str) -> Case:
+    n, c = (256, 16) if scale == "full" else (4, 4)
+    model = models.GroupNormCNN(c, groups=4 if scale == "full" else 2)
+    return Case(model, torch.randn(n, 1, 8, 8), torch.randint(0, 10, (n,)), cross_entropy)
 
 
 def transformer(scale: str) -> Case:
     n, t, vocab, d, heads = (32, 64, 1000, 128, 4) if scale == "full" else (4, 5, 11, 8, 2)
-    model = TransformerBlock(vocab, t, d, heads, classes=10)
+    model = models.Transformer(vocab, t, d, heads, classes=10)
     return Case(model, torch.randint(0, vocab, (n, t)), torch.randint(0, 10, (n,)), cross_entropy)
+
+
+def transformer_4x256(scale: str) -> Case:
+    n, t, vocab, d, heads, blocks = (32, 128, 1000, 256, 4, 4) if scale == "full" else (4, 5, 11, 8, 2, 2)
+    model = models.Transformer(vocab, t, d, heads, classes=10, blocks=blocks, activation=nn.GELU)
+    return Case(model, torch.randint(0, vocab, (n, t)), torch.randint(0, 10, (n,)), cross_entropy)
+
+
+def hf_lm(build: Callable[[int, int, int, int, int], nn.Module]) -> Callable[[str], Case]:
+    def factory(scale: str) -> Case:
+        n, t, vocab, d, layers, heads = (16, 64, 1000, 128, 2, 4) if scale == "full" else (4, 6, 13, 8, 2, 2)
+        return Case(build(vocab, t, d, layers, heads), torch.randint(0, vocab, (n, t)), torch.randint(0, vocab, (n, t)), next_token)
+
+    return factory
 
 
 CONFIGS: dict[str, Config] = {
     c.name: c
     for c in [
-        Config("seed-headline", "MLP N=100, 50 hidden layers of width 300, BCE with logits", seed_headline),
-        Config("seed-rows-1000x100x10", "MLP N=1000, D=100, L=10, BCE with logits", seed_row(1000, 100, 10)),
-        Config("seed-rows-16x1000x1", "MLP N=16, D=1000, L=1, BCE with logits", seed_row(16, 1000, 1)),
-        Config("seed-rows-16x5000x1", "MLP N=16, D=5000, L=1, BCE with logits", seed_row(16, 5000, 1)),
-        Config("mnist-mlp", "MLP 784-1024-1024-10, N=256, cross-entropy", mnist_mlp),
-        Config("sequence", "x (32, 128, 256): 2x Linear 256->256 + ReLU, mean over T, Linear 256->1, MSE", sequence),
-        Config("cnn", "CIFAR-like CNN, N=128, 3x32x32: conv 3->32 k3, conv 32->64 k3 s2, avg-pool, Linear, CE", cnn),
-        Config("transformer", "N=32, T=64, d=128, vocab 1000: embeddings, LayerNorm, attention, MLP, CE", transformer),
+        Config("seed-headline", "MLP 50 layers x 300, N=100",
+               "MLP N=100, 50 hidden layers of width 300, BCE with logits", seed_headline),
+        Config("seed-rows-1000x100x10", "MLP 10 layers x 100, N=1000",
+               "MLP N=1000, D=100, L=10, BCE with logits", seed_row(1000, 100, 10)),
+        Config("seed-rows-16x1000x1", "MLP 1 layer x 1000, N=16",
+               "MLP N=16, D=1000, L=1, BCE with logits", seed_row(16, 1000, 1)),
+        Config("seed-rows-16x5000x1", "MLP 1 layer x 5000, N=16",
+               "MLP N=16, D=5000, L=1, BCE with logits", seed_row(16, 5000, 1)),
+        Config("mnist-mlp", "MLP 784-1024-1024-10, N=256",
+               "MLP 784-1024-1024-10, N=256, cross-entropy", mnist_mlp),
+        Config("sequence", "Linear on sequences, N=32 T=128",
+               "x (32, 128, 256): 2x Linear 256->256 + ReLU, mean over T, Linear 256->1, MSE", sequence),
+        Config("cnn", "CNN 3x32x32, N=128",
+               "CIFAR-like CNN, N=128, 3x32x32: conv 3->32 k3, conv 32->64 k3 s2, avg-pool, Linear, CE", cnn),
+        Config("gn-cnn", "GroupNorm CNN 1x8x8, N=256",
+               "digits-shaped 1x8x8, N=256: conv 1->16 k3, GroupNorm(4), conv 16->32 k3, GroupNorm(4), avg-pool, Linear, CE", gn_cnn),
+        Config("transformer", "Transformer 1 block d=128, N=32 T=64",
+               "N=32, T=64, d=128, vocab 1000: embeddings, LayerNorm, attention, MLP, CE", transformer),
+        Config("transformer-4x256", "Transformer 4 blocks d=256, N=32 T=128",
+               "N=32, T=128, vocab 1000: embeddings, 4 pre-LN blocks of width 256 (4 heads, GELU MLP 1024), "
+               "mean-pooled Linear head, CE", transformer_4x256),
+        Config("hf-gpt2", "GPT-2 (Hugging Face) 2 layers d=128, N=16 T=64",
+               "transformers GPT2LMHeadModel, random weights: 2 layers, d=128, 4 heads, vocab 1000; N=16, T=64, "
+               "next-token CE per sample", hf_lm(models.hf_gpt2), ("transformers",)),
+        Config("hf-llama", "Llama (Hugging Face) 2 layers d=128, N=16 T=64",
+               "transformers LlamaForCausalLM, random weights: 2 layers, d=128, 4 heads (2 KV), vocab 1000; "
+               "N=16, T=64, next-token CE per sample", hf_lm(models.hf_llama), ("transformers",)),
     ]
 }
 
+#: ``--quick``'s configurations: small steps (2-40 ms plain), each family once.
+QUICK = ["seed-rows-16x1000x1", "sequence", "gn-cnn", "transformer"]
+
 #: Names that ``--configs`` expands to several configurations.
-GROUPS: dict[str, list[str]] = {"seed-rows": [n for n in CONFIGS if n.startswith("seed-rows-")]}
+GROUPS: dict[str, list[str]] = {
+    "seed-rows": [n for n in CONFIGS if n.startswith("seed-rows-")],
+    "hf": [n for n in CONFIGS if n.startswith("hf-")],
+    "quick": QUICK,
+}
 
 
 def select_configs(spec: str | None) -> list[str]:
-    """Comma-separated names or groups (``seed-rows``); ``None`` or ``all``: every config."""
+    """Comma-separated names or groups (``seed-rows``, ``hf``, ``quick``); ``None`` or
+    ``all``: every config."""
     if not spec or spec == "all":
         return list(CONFIGS)
     out: list[str] = []

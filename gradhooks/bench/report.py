@@ -10,12 +10,12 @@ from typing import Any
 
 import torch
 
-__all__ = ["header", "environment", "table", "write_json", "write_plot", "ROW_KEYS"]
+__all__ = ["LEGEND", "ROW_KEYS", "environment", "header", "table", "write_json"]
 
 #: Keys of every row in the JSON output.
 ROW_KEYS = (
-    "config", "method", "status", "median_s", "times_s", "ratio", "peak_bytes",
-    "result_bytes", "mem_ratio", "rel_err", "err_dtype", "note",
+    "config", "label", "method", "status", "median_s", "times_s", "ratio", "spread", "cpu_s", "cpu_ratio",
+    "touched_bytes", "peak_bytes", "result_bytes", "mem_ratio", "rel_err", "err_dtype", "note",
 )  # fmt: skip
 
 
@@ -84,66 +84,54 @@ def _fmt(x: float | None, spec: str) -> str:
     return format(x, spec)
 
 
+def _line(r: dict[str, Any]) -> str:
+    ms = None if r["median_s"] is None else r["median_s"] * 1e3
+    new = None if r["touched_bytes"] is None else r["touched_bytes"] / 2**20
+    mb = None if r["peak_bytes"] is None else r["peak_bytes"] / 2**20
+    spread = None if r["spread"] is None else 100 * r["spread"]
+    err = _fmt(r["rel_err"], ".1e")
+    if r["rel_err"] is not None and r["err_dtype"] == "float32":
+        err += "*"
+    note = r["note"] if r["status"] == "ok" else f"{r['status']}: {r['note']}"
+    return (
+        f"{r['method']:<20} {_fmt(ms, '10.1f')} {_fmt(r['ratio'], '8.2f')} {_fmt(spread, '6.0f')} "
+        f"{_fmt(r['cpu_ratio'], '6.2f')} {_fmt(new, '8.1f')} {_fmt(mb, '9.1f')} {_fmt(r['mem_ratio'], '9.2f')} "
+        f"{err:>9}  {note}"
+    )
+
+
+LEGEND = (
+    "\nmedian ms: median of the timed rounds (each after a settling step of the same method); x plain: ratio to "
+    "plain's median in the same run (lower is better); +-%: interquartile range / median; cpu x: the same ratio "
+    "for process CPU time; new MB: memory first touched per step (page faults: the cost of fresh storage); "
+    "peak MB: peak memory growth of one step in a fresh process (CPU: VmHWM - VmRSS before the step); x result: "
+    "peak / per-sample result size; rel err: max relative error against the naive loop on a small instance in "
+    "float64 (* float32). Every timed step contains forward, backward, what the method gives its user (every "
+    "per-sample gradient and the norms, or the norms and the clipped p.grad) and the release of the step's "
+    "tensors."
+)
+
+
 def table(rows: list[dict[str, Any]], descriptions: dict[str, str]) -> str:
     """The terminal table: a block per configuration."""
     out = []
-    cols = f"{'method':<16} {'median ms':>10} {'x plain':>8} {'peak MB':>9} {'x result':>9} {'rel err':>9}  note"
+    cols = (
+        f"{'method':<20} {'median ms':>10} {'x plain':>8} {'+-%':>6} {'cpu x':>6} {'new MB':>8} {'peak MB':>9} "
+        f"{'x result':>9} {'rel err':>9}  note"
+    )
     for config in dict.fromkeys(r["config"] for r in rows):
         block = [r for r in rows if r["config"] == config]
         size = block[0]["result_bytes"]
-        out.append(f"\n== {config}: {descriptions.get(config, '')}; per-sample result {size / 2**20:.1f} MB")
+        plain = next((r["median_s"] for r in block if r["method"] == "plain" and r["median_s"]), None)
+        head = f"plain {plain * 1e3:.1f} ms; " if plain else ""
+        out.append(f"\n== {config} ({block[0]['label']}): {descriptions.get(config, '')}; {head}"
+                   f"per-sample result {size / 2**20:.1f} MB")
         out.append(cols)
-        for r in block:
-            ms = None if r["median_s"] is None else r["median_s"] * 1e3
-            mb = None if r["peak_bytes"] is None else r["peak_bytes"] / 2**20
-            err = _fmt(r["rel_err"], ".1e")
-            if r["rel_err"] is not None and r["err_dtype"] == "float32":
-                err += "*"
-            note = r["note"] if r["status"] == "ok" else f"{r['status']}: {r['note']}"
-            out.append(
-                f"{r['method']:<16} {_fmt(ms, '10.1f')} {_fmt(r['ratio'], '8.2f')} {_fmt(mb, '9.1f')} "
-                f"{_fmt(r['mem_ratio'], '9.2f')} {err:>9}  {note}"
-            )
-    out.append(
-        "\nmedian of interleaved repeats; x plain: ratio to plain's median in the same run; peak MB: peak memory "
-        "growth of one step in a fresh process (CPU: VmHWM - VmRSS before the step); x result: peak / per-sample "
-        "result size; rel err: max relative error against the naive loop on a small instance in float64 "
-        "(* float32)."
-    )
+        out.extend(_line(r) for r in block)
+    out.append(LEGEND)
     return "\n".join(out)
 
 
 def write_json(path: str, env: dict[str, Any], args: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     with open(path, "w") as f:
         json.dump({"environment": env, "args": args, "results": rows}, f, indent=1)
-
-
-def write_plot(path: str, rows: list[dict[str, Any]]) -> str | None:
-    """A bar chart of time ratios to plain (log scale), one group per configuration.
-    Returns an explanation instead when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "--plot needs matplotlib: pip install matplotlib (or the 'bench' extra)"
-    configs = list(dict.fromkeys(r["config"] for r in rows))
-    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "plain"]
-    width = 0.8 / max(1, len(methods))
-    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(configs)), 5))
-    for k, method in enumerate(methods):
-        ratios = []
-        for c in configs:
-            got = [r["ratio"] for r in rows if r["config"] == c and r["method"] == method]
-            ratios.append(got[0] if got and got[0] is not None else float("nan"))
-        ax.bar([i + k * width for i in range(len(configs))], ratios, width, label=method)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_yscale("log")
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(configs))], configs, rotation=20, ha="right")
-    ax.set_ylabel("time / plain backward")
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return None

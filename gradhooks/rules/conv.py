@@ -32,7 +32,6 @@ cross terms exactly. The clipped sum is one weight-gradient call on ``c * G``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +41,7 @@ from ..capture import Call
 from ..registry import register_rule
 from ..rule import CHUNK_ELEMS, Rule, accumulation_dtype, squared_norms_of
 
-__all__ = ["ConvRule", "ConvGeometry", "GRAM_COST", "PATCH_ELEMS", "UNFOLD_CHANNELS", "UNFOLD_POSITIONS"]
+__all__ = ["ConvRule", "geometry_key", "GRAM_COST", "PATCH_ELEMS", "UNFOLD_CHANNELS", "UNFOLD_POSITIONS"]
 
 #: Cost of one Gram multiply-add relative to one of the materialized per-sample
 #: weight gradient: the Gram form is used when ``GRAM_COST * T^2 (i + o) < T i o``
@@ -131,7 +130,7 @@ def _patches(module: nn.Module, xp: Tensor) -> Tensor:
     makes CPU matmuls much slower."""
     d = _spatial(module)
     u = xp
-    for k, (size, step, dil) in enumerate(zip(module.kernel_size, module.stride, module.dilation)):
+    for k, (size, step, dil) in enumerate(zip(module.kernel_size, module.stride, module.dilation, strict=False)):
         u = u.unfold(2 + k, dil * (size - 1) + 1, step)
     u = u[(Ellipsis, *(slice(None, None, dil) for dil in module.dilation))]  # (N, C, *L, *K)
     n, c = u.shape[:2]
@@ -188,7 +187,7 @@ def _gram_squared_norms(module: nn.Module, xs: list[Tensor], gs: list[Tensor]) -
     out = []
     for s in range(0, n, rows):
         us = [_patches(module, x[s : s + rows]) for x in xs]  # (b, groups, i, T_c)
-        g_parts = [g[s : s + rows].reshape(-1, groups, g.shape[1] // groups, l_) for g, l_ in zip(gs, lens)]
+        g_parts = [g[s : s + rows].reshape(-1, groups, g.shape[1] // groups, l_) for g, l_ in zip(gs, lens, strict=False)]
         u = us[0] if len(us) == 1 else torch.cat(us, 3)
         g = g_parts[0] if len(g_parts) == 1 else torch.cat(g_parts, 3)
         gram = torch.matmul(u.transpose(2, 3), u).mul_(torch.matmul(g.transpose(2, 3), g))
@@ -228,7 +227,7 @@ def _weight_squared_norms(module: nn.Module, calls: Sequence[Call], dtype: torch
         gram = use_gram(module, [g[0, 0].numel() for _, g, _ in prepared])
     if not gram:
         return _materialized_squared_norms(module, prepared)
-    xs = [x if not any(pad) else _padded(module, c.input.to(dtype)) for (x, _, pad), c in zip(prepared, calls)]
+    xs = [x if not any(pad) else _padded(module, c.input.to(dtype)) for (x, _, pad), c in zip(prepared, calls, strict=False)]
     return _gram_squared_norms(module, xs, [g for _, g, _ in prepared])
 
 
@@ -316,12 +315,12 @@ class ConvRule(Rule):
     def can_pool(self, module: nn.Module, other: nn.Module, name: str) -> bool:
         # A bias's gradient is G summed over positions, whatever the geometry; pooled
         # weight calls are computed with ``module``'s geometry, so it must be identical.
-        if not isinstance(other, ConvGeometry):
-            return False
-        return name == "bias" or _geometry(other) == _geometry(module)
+        if isinstance(other, nn.Module) or not callable(getattr(other, "key", None)):
+            return False  # only the tracer's call geometries (gradhooks.uses.conv.ConvGeometry)
+        return name == "bias" or geometry_key(other) == geometry_key(module)
 
 
-def _geometry(module: nn.Module) -> tuple[object, ...]:
+def geometry_key(module: nn.Module) -> tuple[object, ...]:
     """Everything besides the weight that decides which input values meet which tap."""
     return (
         tuple(module.kernel_size),
@@ -337,47 +336,3 @@ def _conv(module: nn.Module, x: Tensor, weight: Tensor, padding: list[int]) -> T
     """The module's convolution (stride, dilation, groups) of ``x`` with ``weight``."""
     conv = (F.conv1d, F.conv2d, F.conv3d)[_spatial(module) - 1]
     return conv(x, weight, None, module.stride, padding, module.dilation, module.groups)
-
-
-def _tuple(value: int | Sequence[int], d: int) -> tuple[int, ...]:
-    return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * d
-
-
-class ConvGeometry:
-    """A ``conv{1,2,3}d`` call's arguments under ``nn.Conv*``'s attribute names, for
-    :class:`ConvRule`. ``padding``: ints, tuple, ``"valid"`` or ``"same"`` (uneven
-    ``"same"`` padding puts the extra element on the right, as PyTorch does)."""
-
-    padding_mode = "zeros"
-    transposed = False
-
-    def __init__(self, weight: Tensor, bias: Tensor | None, stride: Any, padding: Any, dilation: Any, groups: int) -> None:
-        d = weight.dim() - 2
-        self.weight = weight
-        self.bias = bias
-        self.kernel_size = tuple(weight.shape[2:])
-        self.stride = _tuple(stride, d)
-        self.dilation = _tuple(dilation, d)
-        self.groups = int(groups)
-        self.out_channels = weight.shape[0]
-        self.in_channels = weight.shape[1] * self.groups
-        if isinstance(padding, str):
-            pairs = [(0, 0)] * d if padding == "valid" else [_same_pair(k, dil) for k, dil in zip(self.kernel_size, self.dilation)]
-        else:
-            pairs = [(p, p) for p in _tuple(padding, d)]
-        self.padding = tuple(a for a, _ in pairs)
-        rev: list[int] = []
-        for a, b in reversed(pairs):
-            rev += [a, b]
-        self._reversed_padding_repeated_twice = rev
-
-    def get_parameter(self, name: str) -> Tensor:
-        return getattr(self, name)
-
-    def key(self) -> tuple[object, ...]:
-        return _geometry(self)  # type: ignore[arg-type]
-
-
-def _same_pair(kernel: int, dilation: int) -> tuple[int, int]:
-    total = dilation * (kernel - 1)
-    return total // 2, total - total // 2

@@ -43,11 +43,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vjp, vmap
 from torch.nn.modules.dropout import _DropoutNd
 from torch.utils import _pytree as pytree
 
 from ..capture import Call
+from ..errors import RuleError
 from ..rule import Rule, accumulation_dtype, long_sum_slack, squared_norms_of
 
 __all__ = ["FallbackRule", "BLOCK_ELEMENTS"]
@@ -90,13 +90,14 @@ class _Replay:
         leaves, self.spec = pytree.tree_flatten((call.args, call.kwargs))
         self.leaves = leaves
         # The tracer knows which inputs carry the batch (in dimension 0).
-        self.batched = call.memo.get("batched_leaves")
-        if self.batched is None:
-            self.batched = [i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n]
+        known: list[int] | None = call.memo.get("batched_leaves")
+        self.batched: list[int] = known if known is not None else [
+            i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n
+        ]
         self.n_out = len(call.grads)
         # Output leaves that received a gradient (only floating tensors can).
         self.outs = [i for i, g in enumerate(call.grads) if g is not None]
-        self.grads = [call.grads[i] for i in self.outs]
+        self.grads: list[Tensor] = [g for g in call.grads if g is not None]
         self.signs: list[Tensor] = []
 
     def with_signs(self) -> None:
@@ -108,8 +109,9 @@ class _Replay:
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Sample n's raw gradient, and that of ``signs * G`` when signs are given:
         ``inputs``/``grads``/``signs`` are sample n's rows (no batch dim)."""
+        from torch.func import functional_call, vjp  # lazily: only fallback=True needs torch.func
         leaves = list(self.leaves)
-        for i, t in zip(self.batched, inputs):
+        for i, t in zip(self.batched, inputs, strict=True):
             leaves[i] = t.unsqueeze(0)
         args, kwargs = pytree.tree_unflatten(leaves, self.spec)
 
@@ -121,11 +123,11 @@ class _Replay:
                 )
             return tuple(out[i] for i in self.outs)
 
-        _, pullback = vjp(forward, params)
+        pullback = vjp(forward, params)[1]
         raw = pullback(tuple(g.unsqueeze(0) for g in grads))[0]
         if not signs:
             return raw, {}
-        return raw, pullback(tuple((s * g).unsqueeze(0) for s, g in zip(signs, grads)))[0]
+        return raw, pullback(tuple((s * g).unsqueeze(0) for s, g in zip(signs, grads, strict=True)))[0]
 
     def block(
         self, params: dict[str, Tensor], start: int, stop: int
@@ -135,12 +137,14 @@ class _Replay:
         inputs = [self.leaves[i][start:stop] for i in self.batched]
         grads = [g[start:stop] for g in self.grads]
         signs = [s[start:stop] for s in self.signs]
+        from torch.func import vmap
+
         try:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=_SLOW_BATCHING)
                 return vmap(self._one, in_dims=(None, 0, 0, 0), randomness="error")(params, inputs, grads, signs)
         except Exception as err:
-            raise RuntimeError(
+            raise RuleError(
                 f"fallback=True: torch.func could not compute per-sample gradients of {self.label}: "
                 f"{type(err).__name__}: {err}\n{_REMEDY}"
             ) from err
@@ -229,7 +233,7 @@ class FallbackRule(Rule):
 
     def squared_norms(self, module: nn.Module, calls: Sequence[Call], names: Sequence[str]) -> dict[str, Tensor]:
         """``{name: (N,)}``, float32+; reuses the exit check's (memo) when present."""
-        memo = calls[0].memo
+        memo = _memo(calls)
         key = _memo_key(calls)
         out = {name: memo[(key, name)] for name in names if (key, name) in memo}
         missing = [name for name in names if name not in out]
@@ -287,7 +291,7 @@ class FallbackRule(Rule):
     def magnitudes(self, module: nn.Module, calls: Sequence[Call], names: Sequence[str]) -> dict[str, Tensor]:
         """``{name: scalar}``: ``sum_n (||raw_n|| + ||raw(s * G)_n||)``, the terms' scale
         (see the module docstring); from the memo of :meth:`probe` when present."""
-        memo = calls[0].memo
+        memo = _memo(calls)
         key = _memo_key(calls)
         if any((key, "scale", name) not in memo for name in names):
             self._reduce_all(module, calls, names)
@@ -297,11 +301,11 @@ class FallbackRule(Rule):
     def _reduce_all(self, module: nn.Module, calls: Sequence[Call], names: Sequence[str]) -> dict[str, Tensor]:
         """One replay: ``{name: p.shape}`` sums ``sum_n raw_n`` (float32+), and into the
         memo each name's squared norms ``(N,)`` and rounding scale."""
-        memo = calls[0].memo
+        memo = _memo(calls)
         key = _memo_key(calls)
         sums: dict[str, Tensor] = {}
         squares: dict[str, list[Tensor]] = {name: [] for name in names}
-        scales = dict.fromkeys(names, 0.0)
+        scales: dict[str, Tensor | float] = dict.fromkeys(names, 0.0)
         for _, _, block, signed in self._blocks(module, calls, names, signed=True):
             for name in names:
                 t = block[name]
@@ -344,6 +348,11 @@ def _batch_size(calls: Sequence[Call]) -> int:
 def _memo_key(calls: Sequence[Call]) -> tuple[Any, ...]:
     """Identifies this group of calls (captures are never modified after backward)."""
     return ("fallback.squared_norms", tuple(id(c) for c in calls))
+
+
+def _memo(calls: Sequence[Call]) -> dict[tuple[Any, ...], Any]:
+    """The fallback's cache on the first call (a ``"~"`` key: a scaled copy drops it)."""
+    return calls[0].memo.setdefault("~fallback", {})
 
 
 def _empty(module: nn.Module, name: str, n: int) -> Tensor:

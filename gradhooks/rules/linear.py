@@ -162,6 +162,22 @@ class LinearRule(Rule):
             if "bias" in names:
                 out["bias"].addmv_(g.sum(1).T, w)
 
+    def weighted_sum(self, module: nn.Module, calls: Sequence[Call], names: Sequence[str], weights: Tensor) -> dict[str, Tensor]:
+        # The first call's products allocate the results (no zero-filled buffers).
+        dtype = accumulation_dtype(module.get_parameter(names[0]).dtype)
+        x, g = _xg(calls[0], dtype)
+        w = weights.to(device=g.device, dtype=g.dtype)
+        out: dict[str, Tensor] = {}
+        if "weight" in names:
+            g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+            rows = w.repeat_interleave(x.shape[1]) if x.shape[1] > 1 else w
+            out["weight"] = (g2 * rows[:, None]).T @ x2 if g2.shape[1] <= x2.shape[1] else g2.T @ (x2 * rows[:, None])
+        if "bias" in names:
+            out["bias"] = g.sum(1).T @ w
+        if len(calls) > 1:
+            self.weighted_sum_into(module, calls[1:], names, weights, out)
+        return out
+
     def dots(
         self, module: nn.Module, calls: Sequence[Call], names: Sequence[str], others: dict[str, Tensor]
     ) -> dict[str, Tensor]:

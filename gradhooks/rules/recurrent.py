@@ -164,8 +164,8 @@ def _expand(geo: RecurrentGeometry, call: Call) -> dict[int, tuple[Tensor | None
             grads_out.append(call.grad_of(2))
         inputs = [runs[k].zi for k in order] + [t for k in order for t in runs[k].zh]
         inputs += [t for k in order for t in runs[k].h if t is not None]
-        found = torch.autograd.grad(outputs, inputs, [g.to(o.dtype) for g, o in zip(grads_out, outputs)], allow_unused=True)
-    grad = {id(t): (torch.zeros_like(t) if g is None else g) for t, g in zip(inputs, found)}
+        found = torch.autograd.grad(outputs, inputs, [g.to(o.dtype) for g, o in zip(grads_out, outputs, strict=False)], allow_unused=True)
+    grad = {id(t): (torch.zeros_like(t) if g is None else g) for t, g in zip(inputs, found, strict=False)}
     out: dict[int, tuple[Tensor | None, Tensor]] = {}
     for (l_, d, k), i in index.items():
         run = runs[(l_, d)]

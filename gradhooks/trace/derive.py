@@ -26,7 +26,7 @@ forward and the exit of a context).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -82,7 +82,7 @@ class Derived:
         if key in memo:
             return memo[key]
         leaves = list(self.leaves)
-        for slot, parent in zip(self.slots, self.parents):
+        for slot, parent in zip(self.slots, self.parents, strict=False):
             leaves[slot] = env[id(parent)] if isinstance(parent, Source) else parent.value(env, memo)
         args, kwargs = pytree.tree_unflatten(leaves, self.spec)
         out = self.func(*args, **kwargs)
@@ -92,9 +92,9 @@ class Derived:
         return out
 
 
-Origin = Union[Source, Derived]
+Origin = Source | Derived
 
-#: Ops that only rearrange, select or repeat elements: a chain of them from one
+#: Ops that only rearrange, select (a lookup too) or repeat elements: a chain of them from one
 #: parameter maps each element of its result to one parameter element.
 VIEW_NAMES = frozenset(
     {
@@ -102,7 +102,7 @@ VIEW_NAMES = frozenset(
         "ravel", "transpose", "swapaxes", "swapdims", "permute", "movedim", "moveaxis", "t",
         "expand", "expand_as", "broadcast_to", "narrow", "select", "split", "chunk", "unbind",
         "tensor_split", "split_with_sizes", "__getitem__", "contiguous", "clone", "__get__",
-        "index_select", "repeat", "tile", "flip", "roll",
+        "index_select", "repeat", "tile", "flip", "roll", "embedding",
     }
 )
 #: Ops that keep every value (dtype or device changes): identity for an index map.
@@ -176,7 +176,7 @@ class Chain:
             u = torch.zeros_like(c, requires_grad=True)
             keys = list(env)
             grads = torch.autograd.grad(c, [env[k] for k in keys], u, create_graph=True, allow_unused=True)
-            dot = sum((g * v[k].to(g.dtype)).sum() for k, g in zip(keys, grads) if g is not None and k in v)
+            dot = sum((g * v[k].to(g.dtype)).sum() for k, g in zip(keys, grads, strict=False) if g is not None and k in v)
             if not isinstance(dot, Tensor) or not dot.requires_grad:
                 return torch.zeros_like(c).detach()
             return torch.autograd.grad(dot, u)[0].detach()
@@ -235,7 +235,7 @@ def _replay_index(node: Origin, env: dict[int, Tensor], memo: dict[int, Tensor])
         out = _replay_index(node.parents[0], env, memo)
     else:
         leaves = list(node.leaves)
-        for slot, parent in zip(node.slots, node.parents):
+        for slot, parent in zip(node.slots, node.parents, strict=False):
             leaves[slot] = _replay_index(parent, env, memo)
         args, kwargs = pytree.tree_unflatten(leaves, node.spec)
         out = node.func(*args, **kwargs)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Union
 
 import torch
 from torch import Tensor
@@ -114,7 +113,7 @@ class Opaque:
         return f"Opaque({self.why!r})"
 
 
-AnyLayout = Union[Layout, Whole, Opaque]
+AnyLayout = Layout | Whole | Opaque
 
 
 def _norm(dim: int, ndim: int) -> int:

@@ -69,7 +69,7 @@ def _einsum(args: tuple[Any, ...], batched: dict[int, AnyLayout]) -> AnyLayout |
         return Opaque("einsum with an implicit output or '...'")
     ins, out = eq.split("->")
     letters: list[tuple[str, Layout]] = []
-    for sub, op in zip(ins.split(","), ops):
+    for sub, op in zip(ins.split(","), ops, strict=False):
         lay = _lay(batched, op)
         if lay is None:
             continue

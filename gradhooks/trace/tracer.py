@@ -32,8 +32,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from .derive import Derived, Origin, Source
-from .layout import WHOLE, AnyLayout, Layout
-from .optable import _pointwise, classify, propagate
+from .layout import WHOLE, AnyLayout, Layout, Opaque
+from .optable import _loss, _pointwise, classify, name_of, propagate
 
 if TYPE_CHECKING:
     from ..context import Recording
@@ -88,6 +88,10 @@ class Tracer(TorchFunctionMode):
         self.sources: dict[int, Source] = {}
         #: ids of parameters a module-level rule covers while its forward runs (counts)
         self.masked: dict[int, int] = {}
+        #: scalars that reduce the batch, by id: (tensor, "sum" or "mean", the op)
+        self._reductions: dict[int, tuple[weakref.ref[Tensor], str, str]] = {}
+        #: how each loss passed to backward() reduced the batch: ("sum" | "mean", op)
+        self.loss_reductions: list[tuple[str, str]] = []
 
     # -- the side table ----------------------------------------------------------
 
@@ -197,11 +201,13 @@ class Tracer(TorchFunctionMode):
             if isinstance(lay, list):
                 lay = lay[0]
             self.set_layout(out, lay)
+            if isinstance(lay, Opaque) and lay.reduced and out.dim() == 0:
+                self._note_reduction(func, kwargs, out)
             return
         if isinstance(out, (tuple, list)):
             leaves = [o for o in out if isinstance(o, Tensor)]
             lays = lay if isinstance(lay, list) else [lay] * len(leaves)
-            for t, one in zip(leaves, lays):
+            for t, one in zip(leaves, lays, strict=False):
                 self.set_layout(t, one)
 
     def derive(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any, origins: dict[int, Origin]) -> None:
@@ -240,6 +246,25 @@ class Tracer(TorchFunctionMode):
         if training or rm is None:
             self.rec.problem(self, "coupled", "batch_norm", {}, TRAINING_REASON if training else NO_STATS_REASON)
 
+    def _note_reduction(self, func: Any, kwargs: dict[str, Any], out: Tensor) -> None:
+        """Remember how a scalar reduced the batch (``.sum()``, ``.mean()``, a loss
+        function's ``reduction``), to compare with ``loss_reduction`` if it is the
+        loss passed to ``backward()`` as it is."""
+        name = name_of(func)
+        kind = {"sum": "sum", "nansum": "sum", "mean": "mean", "nanmean": "mean"}.get(name)
+        if kind is None and classify(func)[1] is _loss:
+            kind = {"sum": "sum", "mean": "mean", "batchmean": "mean"}.get(kwargs.get("reduction", "mean"))
+        if kind is not None:
+            self._reductions[id(out)] = (weakref.ref(out), kind, name)
+
+    def _loss_roots(self, roots: Any) -> None:
+        for t in [roots] if isinstance(roots, Tensor) else list(roots or ()):
+            got = self._reductions.get(id(t)) if isinstance(t, Tensor) else None
+            if got is not None and got[0]() is t:
+                self.loss_reductions.append((got[1], got[2]))
+            else:
+                self.loss_reductions.append(("other", ""))
+
     def _backward(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """``loss.backward()`` / ``torch.autograd.backward``, run with the tracer active:
         Python code that runs during backward (a reentrant checkpoint's
@@ -248,8 +273,9 @@ class Tracer(TorchFunctionMode):
             names = ("gradient", "retain_graph", "create_graph", "inputs")
         else:
             names = ("grad_tensors", "retain_graph", "create_graph", "grad_variables", "inputs")
-        opts = dict(zip(names, args[1:]))
+        opts = dict(zip(names, args[1:], strict=False))
         opts.update(kwargs)
+        self._loss_roots(args[0] if args else kwargs.get("tensors"))
         with self:
             _BACKWARD_BODY(
                 args[0], opts.get("gradient", opts.get("grad_tensors")), opts.get("retain_graph"),

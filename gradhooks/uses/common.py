@@ -8,6 +8,7 @@ from typing import Any
 from torch import Tensor
 
 from ..capture import Call
+from ..recording import label_for
 from ..rule import Rule
 from ..rules.dense import DENSE
 from ..sites import Site
@@ -47,8 +48,10 @@ def new_site(tr: Tracer, key: Any, rule: Rule, geometry: Callable[[], Any], oper
     origins = [o for _, o in operands.values()]
     chains = {local: Chain(o) for local, (_, o) in operands.items()}
 
+    labels = rec.labels  # not rec: the recording holds the site (no reference cycle)
+
     def label() -> str:
-        return ", ".join(dict.fromkeys(rec.label_of(o) for o in origins))
+        return ", ".join(dict.fromkeys(label_for(labels, o) for o in origins))
 
     site = rec.sites[key] = Site(rule, geometry(), label, list(operands), chains)
     return site

@@ -7,12 +7,13 @@ modules' non-zero padding modes call ``F.pad`` first, which the tracer follows.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..rules.conv import ConvGeometry, ConvRule
+from ..rules.conv import ConvRule, geometry_key
 from ..trace.derive import Origin
 from ..trace.layout import AnyLayout, Layout
 from ..trace.tracer import Tracer, register_handler
@@ -57,3 +58,47 @@ def conv(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], b
     if watched is not out:
         tr.set_layout(watched, lx)
     return watched
+
+
+def _tuple(value: int | Sequence[int], d: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * d
+
+
+class ConvGeometry:
+    """A ``conv{1,2,3}d`` call's arguments under ``nn.Conv*``'s attribute names, for
+    :class:`ConvRule`. ``padding``: ints, tuple, ``"valid"`` or ``"same"`` (uneven
+    ``"same"`` padding puts the extra element on the right, as PyTorch does)."""
+
+    padding_mode = "zeros"
+    transposed = False
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, stride: Any, padding: Any, dilation: Any, groups: int) -> None:
+        d = weight.dim() - 2
+        self.weight = weight
+        self.bias = bias
+        self.kernel_size = tuple(weight.shape[2:])
+        self.stride = _tuple(stride, d)
+        self.dilation = _tuple(dilation, d)
+        self.groups = int(groups)
+        self.out_channels = weight.shape[0]
+        self.in_channels = weight.shape[1] * self.groups
+        if isinstance(padding, str):
+            pairs = [(0, 0)] * d if padding == "valid" else [_same_pair(k, dil) for k, dil in zip(self.kernel_size, self.dilation, strict=False)]
+        else:
+            pairs = [(p, p) for p in _tuple(padding, d)]
+        self.padding = tuple(a for a, _ in pairs)
+        rev: list[int] = []
+        for a, b in reversed(pairs):
+            rev += [a, b]
+        self._reversed_padding_repeated_twice = rev
+
+    def get_parameter(self, name: str) -> Tensor:
+        return getattr(self, name)
+
+    def key(self) -> tuple[object, ...]:
+        return geometry_key(self)  # type: ignore[arg-type]
+
+
+def _same_pair(kernel: int, dilation: int) -> tuple[int, int]:
+    total = dilation * (kernel - 1)
+    return total // 2, total - total // 2

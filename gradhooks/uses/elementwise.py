@@ -17,6 +17,7 @@ computed from by its chain.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from torch import Tensor
 
 from ..capture import Attach
 from ..trace import layout as L
-from ..trace.derive import IDENTITY_NAMES, Derived, Origin
+from ..trace.derive import IDENTITY_NAMES, Chain, Derived, Origin, Source
 from ..trace.layout import AnyLayout, Layout, Opaque, Whole
 from ..trace.tracer import Tracer, register_handler
 from .common import arg, dense_site
@@ -115,25 +116,48 @@ def _substitute(tr: Tracer, c: Tensor, origin: Origin, ndim: int, out_lay: AnyLa
 def _rowwise(tr: Tracer, c: Tensor, origin: Origin, e: int, lay: Layout) -> Tensor:
     """``c`` already has the batch's size along its dim ``e`` (e.g. a lookup at
     ``arange(T).repeat(N, 1)``): index ``j`` of that dim meets sample ``sample[j]``,
-    so sample n's gradient of ``c`` is the gradient with only its rows kept,
-    ``(N, *c.shape)`` (N times ``c``: the general, not the cheap, case)."""
+    so sample n's gradient of ``c`` is the gradient with only its rows kept.
+    Kept as ``(N, *p.shape)`` when ``c`` is a lookup or view of one parameter
+    ``p`` no larger than ``c`` (a position table), else ``(N, *c.shape)``."""
     rec, n = tr.rec, tr.n or 0
     stand_in = Attach.apply(c.detach(), rec.anchor) if rec.one_backward else c.view_as(c)
-    site, call = dense_site(tr, ("dense", id(origin)), {"value": (c, origin)})
     extent = c.shape[e]
     j = torch.arange(extent, device=c.device)
     sample = lay.rows if lay.rows is not None else (j // lay.inner) % n
-
     keep = sample >= 0  # explicit rows may belong to no sample
+    chain = Chain(origin)
+    index = None if chain.identity or chain.sources[0].param.numel() > c.numel() else chain.flat_index()
+    if index is not None:
+        on_grad = _scatter_rows(tr, chain.sources[0], index, e, sample, keep)
+    else:
+        site, call = dense_site(tr, ("dense", id(origin)), {"value": (c, origin)})
 
-    def on_grad(grad: Tensor) -> None:
-        g = grad.movedim(e, 0)
-        u = g.new_zeros((n, *g.shape))
-        u[sample[keep], j[keep]] = g[keep]
-        call.add_grad(0, u.movedim(1, 1 + e))
+        def on_grad(grad: Tensor) -> None:
+            g = grad.movedim(e, 0)
+            u = g.new_zeros((n, *g.shape))
+            u[sample[keep], j[keep]] = g[keep]
+            call.add_grad(0, u.movedim(1, 1 + e))
 
     rec.hook_tensor(stand_in, on_grad)
     return stand_in
+
+
+def _scatter_rows(tr: Tracer, src: Source, index: Tensor, e: int, sample: Tensor, keep: Tensor) -> Callable[[Tensor], None]:
+    """Gradient hook adding row ``j`` of ``c``'s gradient into sample ``sample[j]``'s
+    gradient of ``src``, at the elements ``index`` (``c``-shaped) names."""
+    p, n = src.param, tr.n or 0
+    _, call = dense_site(tr, ("dense", id(src)), {"value": (p, src)})
+    size = p.numel()
+    rows = index.movedim(e, 0)[keep]
+    target = (sample[keep].view(-1, *[1] * (rows.dim() - 1)) * size + rows).reshape(-1)
+
+    def on_grad(grad: Tensor) -> None:
+        g = grad.movedim(e, 0)[keep].reshape(-1)
+        u = g.new_zeros(n * size)
+        u.index_add_(0, target, g)
+        call.add_grad(0, u.view(n, *p.shape))
+
+    return on_grad
 
 
 def _fail(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], batched: dict[int, AnyLayout], origins: dict[int, Origin], why: str) -> Any:

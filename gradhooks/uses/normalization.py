@@ -5,8 +5,10 @@ The op runs as its native form (``native_layer_norm``, ``_fused_rms_norm``,
 ``native_group_norm``), which returns the statistics the forward used; when the
 output's gradient arrives, each sample's ``sum_t G * xhat`` and ``sum_t G`` are
 computed from them (:func:`gradhooks.rules.normalization.affine_grads`) and kept
-(a dense site). Under autocast the op runs as called and the statistics are
-recomputed in float32 from the input.
+(a dense site). Under autocast, and for ``instance_norm`` (whose native form
+returns no statistics), the op runs as called and the statistics are
+recomputed in float32 or better from the input when the gradient arrives.
+Nothing but the per-sample ``(N, *shape)`` results outlives the backward step.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..rule import accumulation_dtype
-from ..rules.normalization import NO_STATS_REASON, TRAINING_REASON, affine_grads
+from ..rules.normalization import NO_STATS_REASON, TRAINING_REASON, Grads, Stats, affine_grads, batch_stats
 from ..trace.derive import Origin
 from ..trace.layout import AnyLayout, Layout, batch_first, split_batch
 from ..trace.tracer import Tracer, register_handler
@@ -39,7 +41,9 @@ def _operands(tr: Tracer, origins: dict[int, Origin], w: Any, b: Any) -> dict[st
 def _capture(
     tr: Tracer, key: Any, ops: dict[str, tuple[Tensor, Origin]], run: Any, x: Tensor, lx: AnyLayout, kind: str, shape: torch.Size, stats_of: Any
 ) -> Any:
-    """Run ``run(w_op, b_op) -> (out, stats or None)`` and hook its output."""
+    """Run ``run(w_op, b_op) -> (out, stats or None)`` and hook its output: when its
+    gradient arrives, the per-sample gradients (and in the default mode the exit
+    check's rounding scale) are computed and added to the site's call."""
     rec = tr.rec
     site, call = dense_site(tr, key, ops)
     w_op = rec.operand(ops["weight"][0], ops["weight"][1], site, "weight") if "weight" in ops else None
@@ -49,24 +53,29 @@ def _capture(
     acc = accumulation_dtype(next(iter(ops.values()))[0].dtype)
     want = ("weight" in ops, "bias" in ops)
     names = call.memo["names"]
+    slots = [(names.index(local), local) for local, wanted in zip(("weight", "bias"), want, strict=True) if wanted]
+    out_shape, per_row = out.shape, max(1, math.prod(shape))
     call.keep_version(x)
-
     check = not rec.one_backward  # the exit check compares with autograd's gradient
+    if check:
+        # PyTorch's backward of a lower-precision input (bf16 under autocast) is only as
+        # accurate as that input: the check's rounding unit.
+        call.memo["eps"] = max([call.memo.get("eps", 0.0)] + [torch.finfo(t.dtype).eps for t in (x, *(o[0] for o in ops.values()))])
 
     def on_grad(g: Tensor) -> None:
         st = stats if stats is not None else stats_of(x)
-        g = g.reshape(out.shape)
-        per = _per_sample(kind, x, g, st, lx, n, shape, want, acc)
-        for local, t in zip(("weight", "bias"), per):
-            if t is not None:
-                call.add_grad(names.index(local), t)
+        if check and g.dtype != acc:
+            call.memo["eps"] = max(call.memo.get("eps", 0.0), torch.finfo(g.dtype).eps)
+        got = _per_sample(kind, x, g.reshape(out_shape), st, lx, n, shape, want, acc, check)
+        values = {"weight": (got.dw, got.mw), "bias": (got.db, got.mb)}
+        for index, local in slots:
+            call.add_grad(index, values[local][0])  # type: ignore[arg-type]
         if check:
             mags = call.memo.setdefault("magnitude", {})
-            got = _per_sample(kind, x.abs(), g.abs(), _abs_stats(kind, st), lx, n, shape, want, acc)
-            for local, t in zip(("weight", "bias"), got):
-                if t is not None:
-                    mags[local] = t.sum(0) if local not in mags else mags[local] + t.sum(0)
-            call.memo["rows"] = call.memo.get("rows", 0) + g.numel() // max(1, math.prod(shape))
+            for _, local in slots:
+                mag = values[local][1]
+                mags[local] = mag if local not in mags else mags[local] + mag
+            call.memo["rows"] = call.memo.get("rows", 0) + g.numel() // per_row
 
     tr.set_layout(out, lx)
     watched = rec.watch_fn(out, on_grad, [x])
@@ -75,29 +84,23 @@ def _capture(
     return watched
 
 
-def _per_sample(kind: str, x: Tensor, g: Tensor, stats: tuple[Tensor, ...], lx: AnyLayout, n: int,
-                shape: torch.Size, want: tuple[bool, bool], acc: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
+def _per_sample(kind: str, x: Tensor, g: Tensor, stats: Stats, lx: AnyLayout, n: int,
+                shape: torch.Size, want: tuple[bool, bool], acc: torch.dtype, scales: bool) -> Grads:
+    """:func:`affine_grads` of one call, its batch put first (layer/RMS norm) or its
+    dimension-0 rows split into samples (group, instance and batch norm)."""
     if kind in ("layer", "rms"):
         xc, gc = batch_first(x, lx, n), batch_first(g, lx, n)
-        st = tuple(batch_first(s, lx, n) for s in stats)
-        return affine_grads(kind, xc, gc, st, shape, want, acc)
-    running = kind == "channel" and stats[0].dim() == 1  # (C,): the same for every row
+        st = tuple(None if s is None else batch_first(s, lx, n) for s in stats)
+        return affine_grads(kind, xc, gc, st, shape, want, acc, scales)  # type: ignore[arg-type]
     xs, gs = split_batch(x, lx, n), split_batch(g, lx, n)
-    st_parts = [[s] * len(xs) if running else split_batch(s, lx, n) for s in stats]
-    dw = db = None
-    for i in range(len(xs)):
-        w_, b_ = affine_grads(kind, xs[i], gs[i], tuple(p[i] for p in st_parts), shape, want, acc)
-        dw = w_ if dw is None else dw + w_
-        db = b_ if db is None else db + b_
-    return dw, db
-
-
-def _abs_stats(kind: str, stats: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    """Statistics giving ``(|x| + |mean|) * rstd`` as ``xhat`` of ``|x|`` (see
-    :func:`gradhooks.rules.normalization.affine_magnitudes`)."""
-    if kind == "rms":
-        return stats
-    return (stats[0].abs().neg(), *stats[1:])
+    if len(xs) == 1:
+        return affine_grads(kind, xs[0], gs[0], stats, shape, want, acc, scales)
+    running = kind == "channel" and stats[1].dim() == 1  # (C,): the same for every row
+    parts = [stats] * len(xs) if running else list(zip(*(split_batch(s, lx, n) for s in stats), strict=True))  # type: ignore[arg-type]
+    total = Grads()
+    for xi, gi, si in zip(xs, gs, parts, strict=True):
+        total = total + affine_grads(kind, xi, gi, si, shape, want, acc, scales)
+    return total
 
 
 def _check(tr: Tracer, name: str, lx: AnyLayout, x: Tensor, origins: dict[int, Origin], leading: int | None) -> bool:
@@ -130,9 +133,8 @@ def layer_norm(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, A
         out, mean, rstd = torch.native_layer_norm(x, shape, w_use, b_use, eps)
         return out, (mean, rstd)
 
-    def stats_of(xv: Tensor) -> tuple[Tensor, Tensor]:
-        var, mean = torch.var_mean(xv.float() if xv.dtype != torch.float64 else xv, dims, correction=0, keepdim=True)
-        return mean, torch.rsqrt(var + eps)
+    def stats_of(xv: Tensor) -> Stats:
+        return batch_stats(xv, dims, eps, accumulation_dtype(xv.dtype))
 
     key = ("layer_norm", tuple(shape), eps, *(id(o) for _, o in ops.values()))
     return _capture(tr, key, ops, run, x, lx, "layer", _param_shape(ops, shape), stats_of)
@@ -153,12 +155,12 @@ def rms_norm(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any
         if torch.is_autocast_enabled(x.device.type):
             return func(x, shape, w_op, eps), None
         out, rstd = torch._fused_rms_norm(x, list(shape), w_op, eps)
-        return out, (rstd,)
+        return out, (None, rstd)
 
-    def stats_of(xv: Tensor) -> tuple[Tensor]:
-        xa = xv.float() if xv.dtype != torch.float64 else xv
+    def stats_of(xv: Tensor) -> Stats:
+        xa = xv.to(accumulation_dtype(xv.dtype))
         e = torch.finfo(xa.dtype).eps if eps is None else eps
-        return (torch.rsqrt(xa.square().mean(dims, keepdim=True) + e),)
+        return None, xa.square().mean(dims, keepdim=True).add_(e).rsqrt_()
 
     key = ("rms_norm", tuple(shape), eps, *(id(o) for _, o in ops.values()))
     return _capture(tr, key, ops, run, x, lx, "rms", _param_shape(ops, shape), stats_of)
@@ -182,19 +184,18 @@ def group_norm(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, A
         out, mean, rstd = torch.native_group_norm(x, w_use, b_use, rows, channels, math.prod(x.shape[2:]), groups, eps)
         return out, (mean, rstd)
 
-    def stats_of(xv: Tensor) -> tuple[Tensor, Tensor]:
-        xa = (xv.float() if xv.dtype != torch.float64 else xv).reshape(rows, groups, -1)
-        var, mean = torch.var_mean(xa, -1, correction=0)
-        return mean, torch.rsqrt(var + eps)
+    def stats_of(xv: Tensor) -> Stats:
+        mean, rstd = batch_stats(xv.reshape(rows, groups, -1), (-1,), eps, accumulation_dtype(xv.dtype))
+        return mean.reshape(rows, groups), rstd.reshape(rows, groups)
 
     key = ("group_norm", groups, eps, *(id(o) for _, o in ops.values()))
     return _capture(tr, key, ops, run, x, lx, "group", torch.Size([channels]), stats_of)
 
 
-def _channel_stats(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    xa = (x.float() if x.dtype != torch.float64 else x).reshape(x.shape[0], x.shape[1], -1)
-    var, mean = torch.var_mean(xa, -1, correction=0)
-    return mean, torch.rsqrt(var + eps)
+def _channel_stats(x: Tensor, eps: float) -> Stats:
+    """Instance statistics ``(rows, C)`` each (``F.instance_norm`` does not return its own)."""
+    mean, rstd = batch_stats(x.reshape(x.shape[0], x.shape[1], -1), (-1,), eps, accumulation_dtype(x.dtype))
+    return mean.reshape(x.shape[:2]), rstd.reshape(x.shape[:2])
 
 
 @register_handler(F.instance_norm)

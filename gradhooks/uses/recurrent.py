@@ -156,9 +156,11 @@ def recurrent(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, An
         states=geo.num_layers * geo.dirs, hidden=[o.shape[-1] for o in outs[1:]],
     )
     call.keep_version(a["x"])
+    for p in params:  # the rule recomputes the gates from the weights at query time
+        call.keep_version(p)
     site.calls.append(call)
     result = []
-    for i, (o, lay) in enumerate(zip(outs, lays)):
+    for i, (o, lay) in enumerate(zip(outs, lays, strict=False)):
         tr.set_layout(o, lay)
         w = rec.watch(o, call, i, [a["x"], *hx])
         if w is not o:

@@ -13,6 +13,7 @@ from torch import nn
 from gradhooks import per_sample_grads
 from gradhooks.capture import Call
 from gradhooks.rules import conv as conv_rule
+from gradhooks.uses import conv as conv_use
 from tests import reference
 from tests.check import check_model
 
@@ -176,7 +177,7 @@ def _recorded(conv, xs, loss_of_outputs):
     outs = [conv(x) for x in xs]
     grads = torch.autograd.grad(loss_of_outputs(*outs), outs)
     calls = []
-    for x, out, grad in zip(xs, outs, grads):
+    for x, out, grad in zip(xs, outs, grads, strict=False):
         call = Call((x,), {}, [out])
         call.add_grad(0, grad)
         calls.append(call)
@@ -263,7 +264,7 @@ def test_can_pool_needs_identical_geometry():
     w2, w1 = torch.randn(2, 2, 3, 3), torch.randn(2, 2, 5)
 
     def geo(w, stride=1, padding=0, dilation=1, groups=1):
-        return conv_rule.ConvGeometry(w, None, stride, padding, dilation, groups)
+        return conv_use.ConvGeometry(w, None, stride, padding, dilation, groups)
 
     a = geo(w2, padding=1)
     assert rule.can_pool(a, geo(w2, padding="same"), "weight")

@@ -4,6 +4,8 @@ without fallback, and the errors of modules the fallback cannot replay."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -11,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradhooks import FallbackWarning, UnsupportedModuleError, per_sample_grads
+from gradhooks import FallbackWarning, GradhooksError, RuleError, UnsupportedModuleError, per_sample_grads
 from gradhooks.rules import fallback as vmap_rule
 from tests import reference
 from tests.check import TOL, check_model
@@ -269,7 +271,7 @@ def test_replay_is_silent():
     x = _flat(3)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        with per_sample_grads(model, fallback=True, materialize=False) as g:
+        with per_sample_grads(model, fallback=True, materialize=False, loss_reduction="sum") as g:
             model(x).sum().backward()
         g.clip_(1.0)
     assert [w.category for w in record] == [FallbackWarning], [str(w.message) for w in record]
@@ -382,7 +384,7 @@ def test_coupled_samples_are_an_error_naming_the_module(materialize):
 @pytest.mark.parametrize("module, words", [(ItemBranch, ["ItemBranch", "item"]), (Noisy, ["Noisy", "random"])], ids=["item", "functional-dropout"])
 def test_unreplayable_forward_names_module_and_remedy(module, words):
     model = mlp_with(module()).double()
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(RuleError) as info:  # a GradhooksError and a RuntimeError
         _step(model)
     msg = str(info.value)
     for w in [*words, "torch.func", "gradhooks.register_rule", "strict=False"]:
@@ -443,3 +445,32 @@ def test_without_fallback_modules_are_handled_by_their_uses():
     assert list(g) == [k for k, _ in model.named_parameters()]
 
 
+
+
+_NO_NUMPY = """
+import importlib.abc, sys, warnings
+
+class Hide(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "numpy" or name.startswith("numpy."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, Hide())
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import torch  # torch 2.13 itself warns "Failed to initialize NumPy" here
+with warnings.catch_warnings(record=True) as got:
+    warnings.simplefilter("always")
+    import gradhooks
+    import gradhooks.rules.fallback
+print([str(w.message) for w in got])
+"""
+
+
+@pytest.mark.backward_mode("default")
+def test_import_adds_no_warning_without_numpy():
+    """torch.func is imported lazily: ``import gradhooks`` (fallback included) adds no
+    warning of its own on a machine without numpy."""
+    done = subprocess.run([sys.executable, "-c", _NO_NUMPY], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
+    assert issubclass(RuleError, GradhooksError) and issubclass(RuleError, RuntimeError)
