@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -30,9 +30,11 @@ class Account:
         """``{name: (N,)}``, float32+."""
         raise NotImplementedError
 
-    def weighted_sums(self, weights: Tensor, names: Sequence[str], out: dict[str, Any] | None = None) -> dict[str, Tensor]:
+    def weighted_sums(self, weights: Tensor, names: Sequence[str],
+                      out: dict[str, Tensor | None] | None = None) -> dict[str, Tensor]:
         """``{name: sum_n weights[n] g[name][n]}`` (float32+), added into ``out`` if given
-        (``None`` entries: fresh buffers, which the account may replace)."""
+        (``None`` entries: fresh buffers, which the account may replace); with ``out``,
+        the result is ``out`` itself, every entry in ``names`` filled in."""
         raise NotImplementedError
 
     def dots(self, others: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -55,7 +57,8 @@ class Captured(Account):
         u2 = self.unit * self.unit
         return {k: v * u2 if u2 != 1.0 else v for k, v in got.items()}
 
-    def weighted_sums(self, weights: Tensor, names: Sequence[str], out: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    def weighted_sums(self, weights: Tensor, names: Sequence[str],
+                      out: dict[str, Tensor | None] | None = None) -> dict[str, Tensor]:
         chosen = [self.by_name[k] for k in names]
         raw = weights * self.unit if self.unit != 1.0 else weights
         groups = self.groups if len(chosen) == len(self.covered) else ()
@@ -75,8 +78,9 @@ class Materialized(Account):
     def squared_norms(self) -> dict[str, Tensor]:
         return {k: squared_norms_of(t) for k, t in self.tensors.items()}
 
-    def weighted_sums(self, weights: Tensor, names: Sequence[str], out: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-        result: dict[str, Tensor] = {} if out is None else out
+    def weighted_sums(self, weights: Tensor, names: Sequence[str],
+                      out: dict[str, Tensor | None] | None = None) -> dict[str, Tensor]:
+        result: dict[str, Tensor | None] = {} if out is None else out
         for k in names:
             t = self.tensors[k]
             acc = accumulation_dtype(t.dtype)
@@ -89,7 +93,7 @@ class Materialized(Account):
                 target.view(-1).addmv_(flat.T, w)
             else:
                 target.add_(torch.tensordot(w, t.to(target.dtype), dims=1))
-        return result
+        return cast("dict[str, Tensor]", result)  # every entry in names is a tensor now
 
     def dots(self, others: dict[str, Tensor]) -> dict[str, Tensor]:
         out = {}

@@ -22,12 +22,14 @@ fire, so the hook goes on the view's base instead.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
+
+from .errors import InvalidArgumentError
 
 __all__ = ["Call", "GradHook", "Attach", "detach_tree", "first_tensor", "hook_target", "output_tensors"]
 
@@ -58,6 +60,8 @@ class Call:
             x: Tensor | None = args[0].detach()
             self.args: tuple[Any, ...] = (x,)
             self.kwargs: dict[str, Any] = {}
+        elif not kwargs and not args:  # a dense site's call: no pytree walk
+            x, self.args, self.kwargs = None, (), {}
         else:
             self.args = detach_tree(args)
             self.kwargs = detach_tree(kwargs)
@@ -79,7 +83,7 @@ class Call:
     def input(self) -> Tensor:
         """The first tensor input, ``(N, ...)`` (e.g. ``X`` of a Linear)."""
         if self._input is None:
-            raise ValueError("this call has no tensor input")
+            raise InvalidArgumentError("this call has no tensor input")
         return self._input
 
     @property
@@ -91,7 +95,7 @@ class Call:
         for i, meta in enumerate(self.out_meta):
             if meta is not None:
                 return self.grad_of(i)
-        raise ValueError("this call has no tensor output")
+        raise InvalidArgumentError("this call has no tensor output")
 
     def grad_of(self, i: int) -> Tensor:
         """Gradient of output leaf ``i``; zeros of the output's shape if none arrived."""
@@ -100,7 +104,7 @@ class Call:
             return g
         meta = self.out_meta[i]
         if meta is None:
-            raise ValueError(f"output {i} of this call is not a tensor")
+            raise InvalidArgumentError(f"output {i} of this call is not a tensor")
         shape, dtype, device = meta
         return torch.zeros(shape, dtype=dtype, device=device)
 
@@ -124,7 +128,7 @@ class Call:
         self.versions = []
 
     @classmethod
-    def of(cls, x: Tensor | None, grads: list[Tensor | None], memo: dict[str, Any]) -> Call:
+    def of(cls, x: Tensor | None, grads: Sequence[Tensor | None], memo: dict[str, Any]) -> Call:
         """A call with input ``x`` and these gradients (both batch first already)."""
         call = cls((x,) if x is not None else (), {}, [None] * len(grads))
         call.grads = list(grads)

@@ -29,7 +29,7 @@ from torch.utils import _pytree as pytree
 
 from . import rule_replay
 from .context import per_sample_grads
-from .errors import CheckError
+from .errors import ArgumentTypeError, CheckError, InvalidArgumentError
 from .registry import registered_rule, rule_for
 from .rule import Rule
 from .rulecheck import check_direct, norm, pct, rel, sum_hint
@@ -64,10 +64,10 @@ def _cast(tree: Any, dtype: torch.dtype | None) -> Any:
 def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
     first = next((t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor) and t.dim() > 0), None)
     if first is None:
-        raise ValueError("the inputs hold no tensor with a batch dimension (dimension 0)")
+        raise InvalidArgumentError("the inputs hold no tensor with a batch dimension (dimension 0)")
     n = int(first.shape[0])
     if n < 2:
-        raise ValueError(f"give at least 2 samples (the first input has batch size {n}): with one sample no row can be misattributed")
+        raise InvalidArgumentError(f"give at least 2 samples (the first input has batch size {n}): with one sample no row can be misattributed")
     return n
 
 
@@ -86,18 +86,18 @@ def _resolve(rule: Any, module: nn.Module) -> Rule:
     if rule is None:
         found = rule_for(module)
         if found is None:
-            raise ValueError(f"check_rule: no rule is registered for {type(module).__qualname__}; pass the rule")
+            raise InvalidArgumentError(f"check_rule: no rule is registered for {type(module).__qualname__}; pass the rule")
         return found
     if isinstance(rule, type) and issubclass(rule, nn.Module):
         found = registered_rule(rule)
         if found is None:
-            raise ValueError(f"check_rule: no rule is registered for {rule.__qualname__}")
+            raise InvalidArgumentError(f"check_rule: no rule is registered for {rule.__qualname__}")
         return found
     if isinstance(rule, type) and issubclass(rule, Rule):
         return rule()
     if isinstance(rule, Rule):
         return rule
-    raise TypeError(f"check_rule: expected a gradhooks.Rule (class or instance) or a module type, got {rule!r}")
+    raise ArgumentTypeError(f"check_rule: expected a gradhooks.Rule (class or instance) or a module type, got {rule!r}")
 
 
 class _Repeat(nn.Module):
@@ -121,6 +121,7 @@ def _cotangent_loss(n: int, gen: torch.Generator) -> Callable[[Any], Tensor]:
         leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n and t.requires_grad]
         if not drawn:
             drawn.extend(torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype) for t in leaves)
+        # sum() is int 0 only without leaves, which _attribution refuses as "not a tensor".
         return sum((t * g).reshape(n, -1).sum(1) for t, g in zip(leaves, drawn, strict=True))  # type: ignore[return-value]
 
     return loss
@@ -163,7 +164,7 @@ def check_rule(
     that differs and by how much (``raise_exception=False``: returns ``False``).
     """
     if not isinstance(calls, int) or calls < 1:
-        raise ValueError(f"check_rule: calls must be a positive int, got {calls!r}")
+        raise InvalidArgumentError(f"check_rule: calls must be a positive int, got {calls!r}")
     found = _resolve(rule, module)
     m = copy.deepcopy(module).double()
     args, kw = _cast(_as_tuple(inputs), torch.float64), _cast(dict(kwargs or {}), torch.float64)
@@ -173,7 +174,7 @@ def check_rule(
     if not found.by_ops:
         wanted = list(names) if names is not None else [k for k, p in m.named_parameters(recurse=False) if p.requires_grad]
         if not wanted:
-            raise ValueError(f"check_rule: {type(module).__name__} has no trainable parameters of its own; pass names=")
+            raise InvalidArgumentError(f"check_rule: {type(module).__name__} has no trainable parameters of its own; pass names=")
         problems += check_direct(found, m, args, kw, wanted, n, calls, rtol, seed)
     if found.by_ops or rule_for(m) is found:
         gen = torch.Generator().manual_seed(seed + 1)
@@ -231,7 +232,7 @@ def check_attribution(
     """
     for bad in ("loss_reduction", "one_backward", "reuse", "grad_scaler"):
         if bad in options:
-            raise TypeError(f"check_attribution: {bad}= is chosen by the check itself")
+            raise ArgumentTypeError(f"check_attribution: {bad}= is chosen by the check itself")
     m = copy.deepcopy(model).to(dtype) if dtype is not None else model
     args, kw = _cast(_as_tuple(inputs), dtype), _cast(dict(kwargs or {}), dtype)
     saved = {id(p): p.grad for p in m.parameters()}
@@ -253,11 +254,11 @@ def _attribution(m: nn.Module, args: tuple[Any, ...], kw: dict[str, Any], loss_f
         losses = loss_fn(m(*args, **kw))
         if not isinstance(losses, Tensor) or losses.dim() != 1:
             got = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
-            raise ValueError(f"check_attribution: loss_fn must return each sample's loss, shape (N,); got {got}")
+            raise InvalidArgumentError(f"check_attribution: loss_fn must return each sample's loss, shape (N,); got {got}")
         losses.sum().backward(retain_graph=True)
     n, params = g.batch_size, g.params
     if losses.shape[0] != n:
-        raise ValueError(f"check_attribution: loss_fn returned {losses.shape[0]} losses for a batch of {n}")
+        raise InvalidArgumentError(f"check_attribution: loss_fn returned {losses.shape[0]} losses for a batch of {n}")
     if n < 2 or not params:
         return []
     w = torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)

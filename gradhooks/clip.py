@@ -66,8 +66,10 @@ def _buffers(params: dict[str, nn.Parameter], before: dict[str, Tensor | None]) 
         if grad is None and prior is None:
             out[name] = None
             continue
-        in_place = grad is not None and not grad.is_sparse and grad.dtype == acc and grad.shape == p.shape and grad.is_contiguous()
-        buf = grad if in_place else torch.empty(p.shape, dtype=acc, device=p.device)
+        if grad is not None and not grad.is_sparse and grad.dtype == acc and grad.shape == p.shape and grad.is_contiguous():
+            buf = grad
+        else:
+            buf = torch.empty(p.shape, dtype=acc, device=p.device)
         if prior is None:
             buf.zero_()
         else:
@@ -97,8 +99,8 @@ def write_clipped(
             world.write_clipped(account, params, before, weights, noise_std=noise_std, generator=generator)
             return
         if world is None:
-            bufs = _buffers(params, before)
-            account.weighted_sums(weights, names, bufs)  # fills in the None entries
+            # The account fills in the None entries and hands the same dict back.
+            bufs = account.weighted_sums(weights, names, _buffers(params, before))
             if noise_std > 0:
                 for name in names:
                     bufs[name].add_(gaussian_like(params[name], noise_std, generator).to(bufs[name].dtype))

@@ -11,14 +11,14 @@ nothing (they check the recording's ``active`` flag).
 from __future__ import annotations
 
 from types import TracebackType
-from typing import Literal, Protocol
+from typing import Literal, Protocol, cast
 
 import torch
 from torch import Tensor, nn
 
 from . import finish, fsdp, hooks
 from .distributed import world_of
-from .errors import ContextStateError
+from .errors import ArgumentTypeError, ContextStateError, InvalidArgumentError
 from .plan import FallbackWarning, make_plan
 from .recording import Recording
 from .result import PerSampleGrads
@@ -78,19 +78,19 @@ def per_sample_grads(
         reuse: an earlier materialized result whose storage this one may overwrite.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"per_sample_grads: model must be a torch.nn.Module, got {type(model).__name__}")
+        raise ArgumentTypeError(f"per_sample_grads: model must be a torch.nn.Module, got {type(model).__name__}")
     if loss_reduction not in ("mean", "sum"):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"per_sample_grads: loss_reduction must be 'mean' or 'sum', got {loss_reduction!r} "
             "('mean' when the loss averages over the batch, as PyTorch losses do by default)"
         )
     for flag, value in (("materialize", materialize), ("strict", strict), ("fallback", fallback), ("one_backward", one_backward)):
         if not isinstance(value, bool):
-            raise TypeError(f"per_sample_grads: {flag} must be True or False, got {value!r}")
+            raise ArgumentTypeError(f"per_sample_grads: {flag} must be True or False, got {value!r}")
     if grad_scaler is not None and not callable(getattr(grad_scaler, "get_scale", None)):
-        raise TypeError(f"per_sample_grads: grad_scaler must be a torch.amp.GradScaler (or have get_scale()), got {grad_scaler!r}")
+        raise ArgumentTypeError(f"per_sample_grads: grad_scaler must be a torch.amp.GradScaler (or have get_scale()), got {grad_scaler!r}")
     if reuse is not None and not isinstance(reuse, PerSampleGrads):
-        raise TypeError(f"per_sample_grads: reuse must be an earlier PerSampleGrads result, got {type(reuse).__name__}")
+        raise ArgumentTypeError(f"per_sample_grads: reuse must be an earlier PerSampleGrads result, got {type(reuse).__name__}")
     options = finish.Options(loss_reduction, materialize, strict, fallback, one_backward, grad_scaler, reuse)
     return PerSampleGradsContext(model, options)
 
@@ -117,7 +117,8 @@ class PerSampleGradsContext:
         opts = self.options
         plan = make_plan(self.model, fallback=opts.fallback)
         sharding = fsdp.sharding_of(self.model, plan, opts)  # FSDP2: refusals on entry, None otherwise
-        covered = [Covered(s.name, s.param, s) for s in plan.covered]
+        # On entry every Source still holds its Parameter (only an FSDP2 exit swaps it).
+        covered = [Covered(s.name, cast(nn.Parameter, s.param), s) for s in plan.covered]
         result = PerSampleGrads({c.name: c.param for c in covered}, opts.loss_reduction, opts.materialize)
         result._fallback_modules = plan.fallback_modules
         with torch.no_grad():

@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .errors import InvalidArgumentError, UnknownNameError
 from .result import PerSampleGrads
 
 __all__ = [
@@ -55,10 +56,10 @@ class NormStats:
     def of(cls, norms: Tensor, quantiles: Sequence[float] = DEFAULT_QUANTILES) -> NormStats:
         """Statistics of ``norms`` (``(N,)``, e.g. ``g.norms()``); quantiles interpolate linearly."""
         if norms.dim() != 1 or norms.numel() == 0:
-            raise ValueError(f"NormStats.of: norms must be a non-empty (N,) tensor, got shape {tuple(norms.shape)}")
+            raise InvalidArgumentError(f"NormStats.of: norms must be a non-empty (N,) tensor, got shape {tuple(norms.shape)}")
         qs = [float(q) for q in quantiles]
         if any(not 0 <= q <= 1 for q in qs):
-            raise ValueError(f"NormStats.of: quantiles must be in [0, 1], got {list(quantiles)}")
+            raise InvalidArgumentError(f"NormStats.of: quantiles must be in [0, 1], got {list(quantiles)}")
         x = norms.detach().to(torch.float64)
         parts = [x.mean(), x.std(correction=0), x.min(), x.max()]
         if qs:
@@ -82,7 +83,7 @@ def norm_stats(
     ``"fc1"`` for ``fc1.weight`` and ``fc1.bias``, norm over its parameters).
     For the whole model: ``NormStats.of(g.norms())``."""
     if by not in ("parameter", "layer"):
-        raise ValueError(f"norm_stats: by must be 'parameter' or 'layer', got {by!r}")
+        raise InvalidArgumentError(f"norm_stats: by must be 'parameter' or 'layer', got {by!r}")
     norms = g.param_norms()
     if by == "layer":
         squares: dict[str, Tensor] = {}
@@ -101,7 +102,7 @@ def _names(g: PerSampleGrads, names: Iterable[str] | None) -> list[str]:
     chosen = list(names)
     unknown = [k for k in chosen if k not in keys]
     if unknown or not chosen:
-        raise KeyError(f"names must be covered parameters of g (some of {keys}), got {chosen}")
+        raise UnknownNameError(f"names must be covered parameters of g (some of {keys}), got {chosen}")
     return chosen
 
 
@@ -166,7 +167,7 @@ class RunningNoiseScale:
 
     def __init__(self, beta: float = 0.99) -> None:
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
-            raise ValueError(f"RunningNoiseScale: beta must be a number in [0, 1), got {beta!r}")
+            raise InvalidArgumentError(f"RunningNoiseScale: beta must be a number in [0, 1), got {beta!r}")
         self.beta = float(beta)
         self.steps = 0
         self._trace = 0.0  # un-normalised moving averages
@@ -177,7 +178,7 @@ class RunningNoiseScale:
         :class:`NoiseScale`); returns that step's :class:`NoiseScale`."""
         if isinstance(g, NoiseScale):
             if names is not None:
-                raise ValueError("RunningNoiseScale.update: names= applies to a PerSampleGrads, not a NoiseScale")
+                raise InvalidArgumentError("RunningNoiseScale.update: names= applies to a PerSampleGrads, not a NoiseScale")
             est = g
         else:
             est = noise_scale(g, names=names)
@@ -238,7 +239,7 @@ def noise_scale(g: PerSampleGrads, *, names: Iterable[str] | None = None) -> Noi
     """
     n = g.batch_size
     if n < 2:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"noise_scale: needs at least 2 samples in the batch to separate the gradient's mean from its "
             f"variance, got batch size {n}"
         )
@@ -260,7 +261,7 @@ def cosine_to(
     chosen = _names(g, direction.keys() if names is None else names)
     missing = [k for k in chosen if k not in direction]
     if missing:
-        raise KeyError(f"cosine_to: direction has no tensor for {missing}")
+        raise UnknownNameError(f"cosine_to: direction has no tensor for {missing}")
     d = {k: direction[k] for k in chosen}
     dots = g.dot(d).to(torch.float64)
     norms = _squared_norms(g, chosen).sqrt().to(dots.device)

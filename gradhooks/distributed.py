@@ -155,8 +155,12 @@ class ShardedWorld(World):
 
 
 def _local(t: Tensor) -> Tensor:
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
+    to_local = getattr(t, "to_local", None)  # a DTensor's local shard
+    if not callable(to_local):
+        return t
+    local = to_local()
+    assert isinstance(local, Tensor)
+    return local
 
 
 def _write_shard(p: nn.Parameter, layout: ShardLayout, prior: Tensor | None, shard: Tensor) -> None:

@@ -18,6 +18,9 @@ __all__ = [
     "CheckError",
     "RuleError",
     "LossReductionWarning",
+    "InvalidArgumentError",
+    "ArgumentTypeError",
+    "UnknownNameError",
 ]
 
 
@@ -67,3 +70,18 @@ class LossReductionWarning(UserWarning):
     than ``loss_reduction`` says (a sum with ``"mean"``, or a mean with ``"sum"``):
     every per-sample result is N times off (``g[name].mean(0)`` still equals what
     backward added, which is why this is a warning and not an error)."""
+
+
+class InvalidArgumentError(GradhooksError, ValueError):
+    """An argument has a valid type but a value the call cannot accept."""
+
+
+class ArgumentTypeError(GradhooksError, TypeError):
+    """An argument has the wrong type."""
+
+
+class UnknownNameError(GradhooksError, KeyError):
+    """A parameter name (or rule key) that the result or registry does not hold."""
+
+    def __str__(self) -> str:  # KeyError's str() would repr the message
+        return str(self.args[0]) if self.args else ""

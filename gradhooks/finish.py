@@ -11,6 +11,7 @@ mode with ``materialize=True``, ``p.grad`` written.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,7 +144,8 @@ def _check_loss_reduction(state: State, options: Options) -> None:
 
 def _canonical(call: Call, n: int) -> list[Call]:
     """A tracer-recorded call with its input and gradients batch first."""
-    canon = call.memo.get("canon")
+    # None (not recorded by the tracer), a layout name, or an op's own canonical form.
+    canon: str | Callable[[Call, int], list[Call]] | None = call.memo.get("canon")
     if canon is None:
         return [call]
     if callable(canon):  # an op with its own canonical form (recurrent layers)
@@ -151,15 +153,16 @@ def _canonical(call: Call, n: int) -> list[Call]:
     lin, lout = call.memo["in_layout"], call.memo["out_layout"]
     x = call.input
     g = call.grads[0]
+    assert g is not None  # pruned: a tracer-recorded call left here received its gradient
     memo = {k: v for k, v in call.memo.items() if k not in ("in_layout", "out_layout", "canon")}
     if canon == "split":
-        xs, gs = split_batch(x, lin, n), split_batch(g, lout, n)  # type: ignore[arg-type]
+        xs, gs = split_batch(x, lin, n), split_batch(g, lout, n)
         out = [Call.of(a, [b], memo) for a, b in zip(xs, gs, strict=False)]
     else:
         if canon == "first_t":
-            xc, gc = batch_first(x, lin, n).transpose(-1, -2), batch_first(g, lout, n).transpose(-1, -2)  # type: ignore[arg-type]
+            xc, gc = batch_first(x, lin, n).transpose(-1, -2), batch_first(g, lout, n).transpose(-1, -2)
         else:
-            xc, gc = batch_first(x, lin, n), batch_first(g, lout, n)  # type: ignore[arg-type]
+            xc, gc = batch_first(x, lin, n), batch_first(g, lout, n)
         out = [Call.of(xc, [gc], memo)]
     for c in out:
         c.versions = call.versions

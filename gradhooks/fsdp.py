@@ -52,6 +52,8 @@ from .plan import Plan
 from .sharding import restore
 
 if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
+
     from .finish import Options, State
     from .sites import Covered, Site
 
@@ -95,7 +97,7 @@ def _fsdp_params(model: nn.Module) -> tuple[dict[int, Any], list[Any]]:
     """``{id(sharded parameter): FSDPParam}`` and the FSDP states, for every FSDP2
     module in ``model``."""
     fsdp = _modules_of("torch.distributed.fsdp")
-    module_cls = getattr(fsdp, "FSDPModule", None) if fsdp is not None else None
+    module_cls: type[FSDPModule] | None = getattr(fsdp, "FSDPModule", None) if fsdp is not None else None
     if module_cls is None:
         return {}, []
     states: dict[int, Any] = {}
@@ -146,7 +148,7 @@ def sharding_of(model: nn.Module, plan: Plan, options: Options) -> Sharding | No
     _refuse_foreign(model, plan, set(by_id))
     if not by_id:
         return None
-    covered = {s.name: by_id.get(id(s.param)) for s in plan.covered}
+    covered: dict[str, Any] = {s.name: by_id.get(id(s.param)) for s in plan.covered}  # None: refused below
     plain = [k for k, fp in covered.items() if fp is None]
     if plain:
         raise _refuse(

@@ -74,11 +74,12 @@ def _mark_batch(st: State, module: nn.Module, args: tuple[Any, ...], kwargs: dic
         return
     tr = st.tracer
     first = tr.layout_of(leaves[0])
-    n = tr.n if isinstance(first, (Layout, Whole)) else int(leaves[0].shape[0])
-    if tr.n is None:
-        tr.n = n
-    elif n != tr.n:
-        st.batch_sizes.add(n)
+    if not isinstance(first, (Layout, Whole)):  # a batched input already agrees with tr.n
+        n = int(leaves[0].shape[0])
+        if tr.n is None:
+            tr.n = n
+        elif n != tr.n:
+            st.batch_sizes.add(n)
     if st.world is not None:
         st.synced.append(bool(getattr(module, "require_backward_grad_sync", True)))
         if st.rec.one_backward and st.synced[-1] and torch.is_grad_enabled():
@@ -148,7 +149,7 @@ class _ModuleSiteHook:
         bad = [i for i in batched if not _plain0(tr.layout_of(in_leaves[i]))]
         replaced = False
         if bad or not batched:
-            if not batched and self.spec.rule.broadcast_batch and (tr.n or 0) > 1:
+            if not batched and self.spec.rule.broadcast_batch and tr.n is not None and tr.n > 1:
                 leaves = [o.expand(tr.n, *o.shape[1:]) if isinstance(o, Tensor) and o.dim() and o.shape[0] == 1 else o for o in leaves]
                 replaced = True
             else:

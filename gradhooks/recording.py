@@ -138,11 +138,11 @@ class Recording:
         alias = t.view_as(t)
         if alias.requires_grad and origin is not None:
 
-            def track(grad: Tensor) -> None:
+            def add_use(grad: Tensor) -> None:
                 prev = site.tracked.get(local)
                 site.tracked[local] = (origin, grad.clone() if prev is None else prev[1].add_(grad))
 
-            self.keep(alias.register_hook(FuncHook(track, self.is_active)))
+            self.keep(alias.register_hook(FuncHook(add_use, self.is_active)))
         return alias
 
     def watch(self, out: Tensor, call: Call, index: int, inputs: list[Any]) -> Tensor:

@@ -14,6 +14,7 @@ from typing import TypeVar, overload
 
 from torch import nn
 
+from .errors import ArgumentTypeError, InvalidArgumentError, UnknownNameError
 from .rule import Rule
 
 __all__ = ["register_rule", "unregister_rule", "rule_for", "registered_rule"]
@@ -25,22 +26,22 @@ R = TypeVar("R", Rule, type[Rule])
 
 def _check_types(module_types: tuple[type[nn.Module], ...]) -> None:
     if not module_types:
-        raise TypeError("register_rule needs at least one module type, e.g. register_rule(MyLayer)")
+        raise ArgumentTypeError("register_rule needs at least one module type, e.g. register_rule(MyLayer)")
     for t in module_types:
         if not (isinstance(t, type) and issubclass(t, nn.Module)):
-            raise TypeError(f"register_rule: {t!r} is not a subclass of torch.nn.Module")
+            raise ArgumentTypeError(f"register_rule: {t!r} is not a subclass of torch.nn.Module")
 
 
 def _install(module_types: tuple[type[nn.Module], ...], rule: Rule | type[Rule], replace: bool) -> Rule:
     instance = rule() if isinstance(rule, type) and issubclass(rule, Rule) else rule
     if not isinstance(instance, Rule):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"register_rule: expected a gradhooks.Rule subclass or instance, got {rule!r}"
         )
     taken = [t for t in module_types if t in _RULES and _RULES[t] is not instance]
     if taken and not replace:
         names = ", ".join(f"{t.__qualname__} (by {type(_RULES[t]).__qualname__})" for t in taken)
-        raise ValueError(
+        raise InvalidArgumentError(
             f"register_rule: a rule is already registered for {names}; "
             "pass replace=True to replace it deliberately"
         )
@@ -92,7 +93,7 @@ def unregister_rule(module_type: type[nn.Module]) -> Rule:
     try:
         return _RULES.pop(module_type)
     except KeyError:
-        raise KeyError(f"no rule is registered for {module_type.__qualname__}") from None
+        raise UnknownNameError(f"no rule is registered for {module_type.__qualname__}") from None
 
 
 def rule_for(module: nn.Module) -> Rule | None:

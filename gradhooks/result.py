@@ -20,7 +20,7 @@ from torch import Tensor
 from . import clip
 from .accounts import Account, Materialized
 from .distributed import World
-from .errors import ContextStateError, NonFiniteNormError
+from .errors import ContextStateError, InvalidArgumentError, NonFiniteNormError, UnknownNameError
 
 __all__ = ["PerSampleGrads"]
 
@@ -104,7 +104,7 @@ class PerSampleGrads(Mapping[str, Tensor]):
         if name not in self._params:
             close = difflib.get_close_matches(str(name), self._names, n=3)
             hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-            raise KeyError(f"{name!r} is not a covered parameter{hint} (keys: model.named_parameters() names)")
+            raise UnknownNameError(f"{name!r} is not a covered parameter{hint} (keys: model.named_parameters() names)")
         if not isinstance(account, Materialized):
             raise ContextStateError(
                 f"per-sample gradients were not materialized (materialize=False), so g[{name!r}] "
@@ -160,7 +160,7 @@ class PerSampleGrads(Mapping[str, Tensor]):
         chosen = [names] if isinstance(names, str) else list(names)
         unknown = [k for k in chosen if k not in self._params]
         if unknown:
-            raise KeyError(f"{fn}: not covered parameters: {unknown} (covered: {self._names})")
+            raise UnknownNameError(f"{fn}: not covered parameters: {unknown} (covered: {self._names})")
         return chosen
 
     def _squared_norms(self) -> dict[str, Tensor]:
@@ -190,7 +190,7 @@ class PerSampleGrads(Mapping[str, Tensor]):
         for k, v in others.items():
             shape = self._params[k].shape
             if tuple(v.shape) != tuple(shape):
-                raise ValueError(f"dot: others[{k!r}] has shape {tuple(v.shape)}, expected {tuple(shape)}")
+                raise InvalidArgumentError(f"dot: others[{k!r}] has shape {tuple(v.shape)}, expected {tuple(shape)}")
         terms = [t.to(self._norm_dtype) for t in account.dots(dict(others)).values()]
         if not terms:
             return torch.zeros(self._n, dtype=self._norm_dtype)
@@ -204,7 +204,7 @@ class PerSampleGrads(Mapping[str, Tensor]):
         chosen = self._chosen(names, "weighted_sum")
         if not isinstance(weights, Tensor) or tuple(weights.shape) != (self._n,):
             got = tuple(weights.shape) if isinstance(weights, Tensor) else type(weights).__name__
-            raise ValueError(f"weighted_sum: weights must be a tensor of shape ({self._n},), got {got}")
+            raise InvalidArgumentError(f"weighted_sum: weights must be a tensor of shape ({self._n},), got {got}")
         return account.weighted_sums(weights, chosen)
 
     def clip_(self, max_norm: float) -> Tensor:
@@ -224,7 +224,7 @@ class PerSampleGrads(Mapping[str, Tensor]):
         reduction's own (global N for "mean", 1 for "sum")."""
         account = self._require()
         if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or math.isnan(max_norm) or max_norm <= 0:
-            raise ValueError(f"clip_: max_norm must be a positive number, got {max_norm!r}")
+            raise InvalidArgumentError(f"clip_: max_norm must be a positive number, got {max_norm!r}")
         norms = self.norms()
         bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
         total_n, bad_anywhere = float(self._n), len(bad)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from .capture import Call, detach_tree
+from .errors import InvalidArgumentError
 from .rule import Rule
 
 __all__ = ["check_direct", "rel", "norm", "pct", "sum_hint"]
@@ -51,7 +52,7 @@ def _record(m: nn.Module, args: tuple[Any, ...], kw: dict[str, Any], n: int, cal
                 total = total + (o * g).reshape(n, -1).sum(1).to(torch.float64)
         recorded.append(call)
     if not any(c.has_grad for c in recorded):
-        raise ValueError("check_rule: no output of the module has batch size N and requires grad")
+        raise InvalidArgumentError("check_rule: no output of the module has batch size N and requires grad")
     return recorded, total
 
 
@@ -61,7 +62,7 @@ def _naive(m: nn.Module, total: Tensor, names: list[str]) -> dict[str, Tensor]:
     rows: list[Sequence[Tensor | None]] = []
     for i in range(total.shape[0]):
         rows.append(torch.autograd.grad(total[i], params, retain_graph=True, allow_unused=True))
-    return {k: torch.stack([torch.zeros_like(p) if r[j] is None else r[j] for r in rows]) for j, (k, p) in enumerate(zip(names, params, strict=True))}  # type: ignore[misc]
+    return {k: torch.stack([torch.zeros_like(p) if (t := r[j]) is None else t for r in rows]) for j, (k, p) in enumerate(zip(names, params, strict=True))}
 
 
 def check_direct(rule: Rule, m: nn.Module, args: tuple[Any, ...], kw: dict[str, Any], names: list[str], n: int,
@@ -107,7 +108,11 @@ def _queries(rule: Rule, m: nn.Module, calls: list[Call], names: list[str], ref:
     per_sample_sq = {k: ref[k].reshape(n, -1).square().sum(1) for k in names}
     for k in names:
         compare(f"squared_norms({k!r})", sq.get(k), per_sample_sq[k])
-    norms = sum(per_sample_sq.values()).sqrt()  # type: ignore[union-attr]
+    parts = list(per_sample_sq.values())
+    sq_total = parts[0]
+    for part in parts[1:]:
+        sq_total = sq_total + part
+    norms = sq_total.sqrt()
     weights = (float(norms.median()) / (norms + 1e-6)).clamp(max=1.0)  # clip_'s factors at the median norm
     into = {k: torch.randn(m.get_parameter(k).shape, generator=gen, dtype=torch.float64) for k in names}
     start = {k: t.clone() for k, t in into.items()}

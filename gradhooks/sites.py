@@ -258,7 +258,8 @@ def squared_norms(covered: Sequence[Covered], n: int, groups: Sequence[Any] = ()
             for pool in pools:
                 t = cache.get(pool, lambda names, pool=pool: pool.site.run("squared_norms", pool.calls, names))
                 total = t if total is None else total + t
-            out[cov.name] = total  # type: ignore[assignment]
+            assert total is not None  # pools is not empty here
+            out[cov.name] = total
         else:
             out[cov.name] = squared_norms_of(_parameter_per_sample(cov, pools, n))
     return out

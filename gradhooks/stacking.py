@@ -85,7 +85,11 @@ class Group:
         return out
 
 
-def _eligible(site: Site) -> tuple[object, ...] | None:
+#: ``(N, T, in, out, x dtype, g dtype, device, accumulation dtype)``
+_Key = tuple[int, int, int, int, torch.dtype, torch.dtype, torch.device, torch.dtype]
+
+
+def _eligible(site: Site) -> _Key | None:
     """The group key of a site that can be stacked, or ``None``."""
     if type(site.rule) is not LinearRule or site.module_level or len(site.calls) != 1:
         return None
@@ -104,7 +108,7 @@ def _eligible(site: Site) -> tuple[object, ...] | None:
 def compact(sites: Sequence[Site]) -> list[Group]:
     """Stack the eligible linear sites' captures into groups (the calls then hold
     views into the stacks)."""
-    by_key: dict[tuple[object, ...], list[Site]] = {}
+    by_key: dict[_Key, list[Site]] = {}
     for site in sites:
         key = _eligible(site)
         if key is not None:

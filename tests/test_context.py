@@ -1,5 +1,5 @@
 """Lifecycle of the per_sample_grads context: what gets hooks, what is recorded,
-what is left behind, and every error of SPEC.md's table (except clip_'s, in
+what is left behind, and every error of the README's error table (except clip_'s, in
 test_result.py)."""
 
 from __future__ import annotations

@@ -27,6 +27,8 @@ def _models():
                                               nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(16, 10)), (32, 8, 4096)),
         "groupnorm": (lambda: nn.Sequential(nn.Conv2d(3, 16, 3), nn.GroupNorm(4, 16), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                                             nn.Flatten(), nn.Linear(16, 10)), (32, 3, 48, 48)),
+        "groupnorm-per-channel": (lambda: nn.Sequential(nn.Conv2d(3, 16, 3), nn.GroupNorm(16, 16), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                                        nn.Flatten(), nn.Linear(16, 10)), (32, 3, 48, 48)),
         "layernorm-seq": (lambda: nn.Sequential(nn.Linear(32, 64), nn.LayerNorm(64), nn.ReLU(), nn.Linear(64, 10)),
                           (32, 512, 32)),
     }  # fmt: skip

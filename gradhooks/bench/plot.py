@@ -37,24 +37,26 @@ TITLE = "Time per training step, relative to plain forward + backward (lower is 
 XLABEL = "time per step / plain step (log scale; 1 = plain backward, lower is better)"
 
 
-def _ratio(rows: list[dict[str, Any]], config: str, method: str) -> float | None:
+def _ratio(rows: list[dict[str, Any]], config: str, method: str) -> tuple[float | None, str]:
+    """``(ratio, "")`` for a good row, else ``(None, its status)`` (``n/a``, ``error``, ...)."""
     for r in rows:
-        if r["config"] == config and r["method"] == method and r["status"] == "ok":
-            return r["ratio"]
-    return None
+        if r["config"] == config and r["method"] == method:
+            return (r["ratio"], "") if r["status"] == "ok" and r["ratio"] is not None else (None, r["status"])
+    return None, "not run"
 
 
 def _panel(ax: Any, rows: list[dict[str, Any]], configs: list[str], labels: dict[str, str], methods: list[str], title: str) -> None:
     height = 0.8 / max(1, len(methods))
     for k, method in enumerate(methods):
         ys = [i + k * height for i in range(len(configs))]
-        ratios = [_ratio(rows, c, method) for c in configs]
+        got = [_ratio(rows, c, method) for c in configs]
+        ratios = [r for r, _ in got]
         ours = method.startswith("gradhooks")
         vals = [r if r is not None else math.nan for r in ratios]
         ax.barh(ys, vals, height, color=COLOURS.get(method, "#444444"), label=method,
                 hatch=None if ours else "///", edgecolor="white" if not ours else None, linewidth=0)
-        for y, r in zip(ys, ratios, strict=True):
-            ax.text(r * 1.03 if r is not None else 1.03, y, f"{r:.2f}x" if r is not None else "n/a",
+        for y, (r, why) in zip(ys, got, strict=True):
+            ax.text(r * 1.03 if r is not None else 1.03, y, f"{r:.2f}x" if r is not None else why,
                     va="center", fontsize=6, color="#222222" if r is not None else "#888888")
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xscale("log")

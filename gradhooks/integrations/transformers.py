@@ -32,7 +32,7 @@ loader to skip batches, which would redraw Poisson batches).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from ..context import per_sample_grads
 from ..diagnostics import noise_scale
+from ..errors import ArgumentTypeError, ContextStateError, InvalidArgumentError
 from ..privacy import DPSGD, Clipping
 from ..privacy.accounting import Mechanism
 
@@ -67,7 +68,7 @@ def per_sample_loss(model: nn.Module, inputs: dict[str, Any]) -> Tensor:
     inputs = dict(inputs)
     labels = inputs.pop("labels", None)
     if labels is None:
-        raise ValueError("per_sample_loss: the batch has no 'labels'; pass per_sample_loss= your own loss function")
+        raise InvalidArgumentError("per_sample_loss: the batch has no 'labels'; pass per_sample_loss= your own loss function")
     logits = model(**inputs).logits
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if labels.dim() == 1:
@@ -127,7 +128,7 @@ class _LogicalBatches(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         dp = self.trainer.dp
         if dp is None:
-            raise RuntimeError("DPTrainer: the optimizer (and its DPSGD) must exist before the training batches are drawn")
+            raise ContextStateError("DPTrainer: the optimizer (and its DPSGD) must exist before the training batches are drawn")
         for _ in range(self.steps):
             yield dp.sampler.draw().tolist()
 
@@ -191,7 +192,7 @@ class DPTrainer(Trainer):
                  log_per_sample_stats: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if not isinstance(dp_args, DPArguments):
-            raise TypeError(f"DPTrainer: dp_args must be a DPArguments, got {type(dp_args).__name__}")
+            raise ArgumentTypeError(f"DPTrainer: dp_args must be a DPArguments, got {type(dp_args).__name__}")
         a = self.args
         problems = [
             (a.gradient_accumulation_steps != 1, "gradient_accumulation_steps must be 1: use DPArguments(max_physical_batch_size=...) for logical batches larger than memory"),
@@ -204,7 +205,7 @@ class DPTrainer(Trainer):
         ]
         bad = [why for cond, why in problems if cond]
         if bad:
-            raise ValueError("DPTrainer: " + "; ".join(bad))
+            raise InvalidArgumentError("DPTrainer: " + "; ".join(bad))
         self.dp_args = dp_args
         self.per_sample_loss = per_sample_loss
         self.log_per_sample_stats = log_per_sample_stats
@@ -220,9 +221,10 @@ class DPTrainer(Trainer):
             d, a = self.dp_args, self.args
             seed = a.seed if d.seed is None else d.seed
             assert self.model is not None
+            assert isinstance(self.train_dataset, Sized)  # checked in __init__
             device = next(self.model.parameters()).device
             self.dp = DPSGD(
-                self.model, optimizer, dataset_size=len(self.train_dataset), expected_batch_size=self._logical_size(),  # type: ignore[arg-type]
+                self.model, optimizer, dataset_size=len(self.train_dataset), expected_batch_size=self._logical_size(),
                 delta=d.delta, max_norm=d.max_norm, clipping=d.clipping, noise_multiplier=d.noise_multiplier,
                 target_epsilon=d.target_epsilon, epochs=int(a.num_train_epochs) if d.target_epsilon is not None else None,
                 max_physical_batch_size=d.max_physical_batch_size, accountant=d.accountant,
@@ -234,6 +236,7 @@ class DPTrainer(Trainer):
 
     def get_train_dataloader(self) -> DataLoader:
         dataset = self.train_dataset
+        assert isinstance(dataset, Sized)  # checked in __init__
         try:
             import datasets  # pyright: ignore[reportMissingImports]
 
@@ -245,7 +248,8 @@ class DPTrainer(Trainer):
             self._collate = self.data_collator
         else:
             self._collate = self._get_collator_with_removed_columns(self.data_collator, description="training")
-        steps = max(1, round(len(dataset) / self._logical_size()))  # type: ignore[arg-type]
+        steps = max(1, round(len(dataset) / self._logical_size()))
+        # torch types DataLoader's dataset as a torch Dataset; any sized map-style one works (HF datasets).
         return DataLoader(dataset, batch_sampler=_LogicalBatches(self, steps), collate_fn=_keep,  # type: ignore[arg-type]
                           num_workers=self.args.dataloader_num_workers)
 
@@ -275,7 +279,7 @@ class DPTrainer(Trainer):
 
     def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
         if resume_from_checkpoint:
-            raise ValueError(
+            raise InvalidArgumentError(
                 "DPTrainer cannot resume from a Trainer checkpoint: the Trainer replays the data loader to skip "
                 "batches, which would draw new Poisson batches. Train in one run, or use gradhooks.privacy.DPSGD "
                 "with its state_dict() / load_state_dict()."

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
+from ..errors import InvalidArgumentError
 from .mechanism import positive
 
 if TYPE_CHECKING:
@@ -21,7 +22,7 @@ Mechanism = Literal["rdp", "prv"]
 
 def _opacus_accountant(mechanism: str) -> IAccountant:
     if mechanism not in ("rdp", "prv"):
-        raise ValueError(f"mechanism must be 'rdp' or 'prv', got {mechanism!r}")
+        raise InvalidArgumentError(f"mechanism must be 'rdp' or 'prv', got {mechanism!r}")
     try:
         from opacus.accountants import create_accountant
     except ImportError as err:
@@ -35,14 +36,14 @@ def _opacus_accountant(mechanism: str) -> IAccountant:
 def _rate(fn: str, sample_rate: Any) -> float:
     ok = isinstance(sample_rate, (int, float)) and not isinstance(sample_rate, bool)
     if not ok or not 0 < sample_rate <= 1:
-        raise ValueError(f"{fn}: sample_rate must be in (0, 1], got {sample_rate!r}")
+        raise InvalidArgumentError(f"{fn}: sample_rate must be in (0, 1], got {sample_rate!r}")
     return float(sample_rate)
 
 
 def _delta(delta: Any) -> float:
     ok = isinstance(delta, (int, float)) and not isinstance(delta, bool)
     if not ok or not 0 < delta < 1:
-        raise ValueError(f"epsilon: delta must be in (0, 1) (typically << 1/dataset_size), got {delta!r}")
+        raise InvalidArgumentError(f"epsilon: delta must be in (0, 1) (typically << 1/dataset_size), got {delta!r}")
     return float(delta)
 
 
@@ -65,7 +66,7 @@ class Accountant:
         positive("Accountant.step", "noise_multiplier", noise_multiplier)
         sample_rate = _rate("Accountant.step", sample_rate)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"Accountant.step: steps must be a positive int, got {steps!r}")
+            raise InvalidArgumentError(f"Accountant.step: steps must be a positive int, got {steps!r}")
         hist = self._acc.history  # Opacus' format: [(noise_multiplier, sample_rate, steps)]
         if hist and hist[-1][0] == noise_multiplier and hist[-1][1] == sample_rate:
             hist[-1] = (hist[-1][0], hist[-1][1], hist[-1][2] + steps)
@@ -91,7 +92,7 @@ class Accountant:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Replace the history with a saved one (same mechanism)."""
         if state.get("mechanism") != self.mechanism:
-            raise ValueError(f"Accountant.load_state_dict: saved with mechanism {state.get('mechanism')!r}, this one is {self.mechanism!r}")
+            raise InvalidArgumentError(f"Accountant.load_state_dict: saved with mechanism {state.get('mechanism')!r}, this one is {self.mechanism!r}")
         history = []
         for entry in state["history"]:
             sigma, q, k = entry

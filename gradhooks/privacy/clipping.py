@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..clip import clip_factors
+from ..errors import ContextStateError, InvalidArgumentError
 from ..result import PerSampleGrads
 from .mechanism import positive
 
@@ -101,7 +102,7 @@ class PerGroupClipping(Clipping):
 
     def __init__(self, max_norm: float | Mapping[str, float], *, groups: str | Mapping[str, Sequence[str]] = "module") -> None:
         if isinstance(groups, str) and groups not in ("parameter", "module"):
-            raise ValueError(f"PerGroupClipping: groups must be 'parameter', 'module' or a mapping, got {groups!r}")
+            raise InvalidArgumentError(f"PerGroupClipping: groups must be 'parameter', 'module' or a mapping, got {groups!r}")
         if isinstance(max_norm, Mapping):
             self._norms: dict[str, float] | float = {str(k): positive("PerGroupClipping", f"max_norm[{k!r}]", v) for k, v in max_norm.items()}
         else:
@@ -121,7 +122,7 @@ class PerGroupClipping(Clipping):
             groups = self._explicit(names)
         if isinstance(self._norms, dict):
             if set(self._norms) != set(groups):
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"PerGroupClipping: max_norm names groups {sorted(self._norms)} but the groups are {sorted(groups)}"
                 )
             norms = dict(self._norms)
@@ -135,12 +136,12 @@ class PerGroupClipping(Clipping):
         for group, members in self._spec.items():
             for n in members:
                 if n in seen:
-                    raise ValueError(f"PerGroupClipping: {n!r} is in groups {seen[n]!r} and {group!r}")
+                    raise InvalidArgumentError(f"PerGroupClipping: {n!r} is in groups {seen[n]!r} and {group!r}")
                 seen[n] = group
         unknown = sorted(set(seen) - set(names))
         missing = [n for n in names if n not in seen]
         if unknown or missing:
-            raise ValueError(
+            raise InvalidArgumentError(
                 "PerGroupClipping: the groups must name every trainable parameter exactly once"
                 + (f"; not trainable parameters: {unknown}" if unknown else "")
                 + (f"; in no group (they would not be clipped): {missing}" if missing else "")
@@ -149,7 +150,7 @@ class PerGroupClipping(Clipping):
 
     def factors(self, g: PerSampleGrads, norms: Tensor) -> Groups:
         if not self.groups:
-            raise RuntimeError("PerGroupClipping: bind() was not called (DPSGD calls it before each logical batch)")
+            raise ContextStateError("PerGroupClipping: bind() was not called (DPSGD calls it before each logical batch)")
         sq = {k: v.square() for k, v in g.param_norms().items()}
         out: Groups = []
         for group, members in self.groups.items():
@@ -207,7 +208,7 @@ class AdaptiveClipping(Clipping):
                  count_noise_std: float | None = None) -> None:
         self.max_norm = positive("AdaptiveClipping", "initial_max_norm", initial_max_norm)
         if not (isinstance(target_quantile, (int, float)) and 0 < target_quantile < 1):
-            raise ValueError(f"AdaptiveClipping: target_quantile must be in (0, 1), got {target_quantile!r}")
+            raise InvalidArgumentError(f"AdaptiveClipping: target_quantile must be in (0, 1), got {target_quantile!r}")
         self.target_quantile = float(target_quantile)
         self.learning_rate = positive("AdaptiveClipping", "learning_rate", learning_rate)
         self._count_std = None if count_noise_std is None else positive("AdaptiveClipping", "count_noise_std", count_noise_std)
@@ -221,7 +222,7 @@ class AdaptiveClipping(Clipping):
         if self._count_std is not None:
             return self._count_std
         if self._expected is None:
-            raise RuntimeError("AdaptiveClipping: bind() was not called (DPSGD calls it before each logical batch)")
+            raise ContextStateError("AdaptiveClipping: bind() was not called (DPSGD calls it before each logical batch)")
         return self._expected / 20.0
 
     def gradient_noise_multiplier(self, noise_multiplier: float) -> float:
@@ -229,7 +230,7 @@ class AdaptiveClipping(Clipping):
             return 0.0
         sb = self.statistic_noise_std
         if not 2 * sb > noise_multiplier:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"AdaptiveClipping: count_noise_std ({sb:g}) must exceed noise_multiplier / 2 ({noise_multiplier / 2:g}) "
                 "for the count's noise to fit in the step's privacy budget; pass a larger count_noise_std"
             )

@@ -4,16 +4,20 @@ says what to pass instead."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..distributed import World
+from ..errors import ArgumentTypeError, InvalidArgumentError
 from .accounting import Mechanism
 from .clipping import Clipping, FlatClipping
 from .errors import UncoveredParameterError
 from .mechanism import positive
+
+if TYPE_CHECKING:
+    from ..context import LossReduction
 
 __all__ = ["Config", "configure", "check_optimizer", "device_of", "seeded", "broadcast_state"]
 
@@ -31,13 +35,13 @@ class Config:
     steps_per_epoch: int
     planned_steps: int | None
     max_physical_batch_size: int | None
-    loss_reduction: str
+    loss_reduction: LossReduction  # checked by configure()
     accountant: Mechanism
 
 
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"DPSGD: {name} must be a positive int, got {value!r}")
+        raise InvalidArgumentError(f"DPSGD: {name} must be a positive int, got {value!r}")
     return value
 
 
@@ -47,47 +51,47 @@ def configure(model: nn.Module, optimizer: Any, *, dataset_size: Any, expected_b
               noise_generator: Any, world: World | None, ddp: nn.Module) -> Config:
     """Validate ``DPSGD``'s arguments (``model``: the inner module under DDP)."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"DPSGD: model must be a torch.nn.Module, got {type(model).__name__}")
+        raise ArgumentTypeError(f"DPSGD: model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"DPSGD: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        raise ArgumentTypeError(f"DPSGD: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     dataset_size = _positive_int("dataset_size", dataset_size)
     expected = positive("DPSGD", "expected_batch_size", expected_batch_size)
     if expected > dataset_size:
-        raise ValueError(f"DPSGD: expected_batch_size ({expected:g}) exceeds dataset_size ({dataset_size})")
+        raise InvalidArgumentError(f"DPSGD: expected_batch_size ({expected:g}) exceeds dataset_size ({dataset_size})")
     ok = isinstance(delta, (int, float)) and not isinstance(delta, bool) and 0 < delta < 1
     if not ok:
-        raise ValueError(f"DPSGD: delta must be in (0, 1) (typically << 1/dataset_size), got {delta!r}")
+        raise InvalidArgumentError(f"DPSGD: delta must be in (0, 1) (typically << 1/dataset_size), got {delta!r}")
     if (max_norm is None) == (clipping is None):
-        raise ValueError("DPSGD: pass exactly one of max_norm= (flat clipping) and clipping= (a clipping style)")
+        raise InvalidArgumentError("DPSGD: pass exactly one of max_norm= (flat clipping) and clipping= (a clipping style)")
     if clipping is not None and not isinstance(clipping, Clipping):
-        raise TypeError(f"DPSGD: clipping must be a gradhooks.privacy clipping style, got {type(clipping).__name__}")
+        raise ArgumentTypeError(f"DPSGD: clipping must be a gradhooks.privacy clipping style, got {type(clipping).__name__}")
     style = clipping if clipping is not None else FlatClipping(max_norm)
     if (noise_multiplier is None) == (target_epsilon is None):
-        raise ValueError("DPSGD: pass exactly one of noise_multiplier= and target_epsilon=")
+        raise InvalidArgumentError("DPSGD: pass exactly one of noise_multiplier= and target_epsilon=")
     if epochs is not None:
         epochs = _positive_int("epochs", epochs)
     if target_epsilon is not None:
         positive("DPSGD", "target_epsilon", target_epsilon)
         if epochs is None:
-            raise ValueError("DPSGD: target_epsilon needs epochs= (the noise is calibrated for that many steps)")
+            raise InvalidArgumentError("DPSGD: target_epsilon needs epochs= (the noise is calibrated for that many steps)")
     sigma = 0.0 if noise_multiplier is None else positive(
         "DPSGD", "noise_multiplier", noise_multiplier, allow_zero=True, hint=" (0: clipping only, epsilon = inf)")
     if max_physical_batch_size is not None:
         max_physical_batch_size = _positive_int("max_physical_batch_size", max_physical_batch_size)
     if loss_reduction not in ("sum", "mean"):
-        raise ValueError(f"DPSGD: loss_reduction must be 'sum' or 'mean', got {loss_reduction!r}")
+        raise InvalidArgumentError(f"DPSGD: loss_reduction must be 'sum' or 'mean', got {loss_reduction!r}")
     if accountant not in ("rdp", "prv"):
-        raise ValueError(f"DPSGD: accountant must be 'rdp' or 'prv', got {accountant!r}")
+        raise InvalidArgumentError(f"DPSGD: accountant must be 'rdp' or 'prv', got {accountant!r}")
     if noise_generator is not None and not isinstance(noise_generator, torch.Generator):
-        raise TypeError(f"DPSGD: noise_generator must be a torch.Generator, got {type(noise_generator).__name__}")
+        raise ArgumentTypeError(f"DPSGD: noise_generator must be a torch.Generator, got {type(noise_generator).__name__}")
     if _is_fsdp(model):
-        raise TypeError(
+        raise ArgumentTypeError(
             "DPSGD: FSDP-sharded models are not supported (its micro-batches are summed locally and reduced once, "
             "which FSDP's sharded gradients do not allow); use per_sample_grads and privatize_ per batch, with "
             "PoissonBatchSampler and Accountant"
         )
     if world is not None and getattr(ddp, "broadcast_buffers", False) and any(True for _ in model.buffers()):
-        raise ValueError(
+        raise InvalidArgumentError(
             "DPSGD: this DistributedDataParallel model broadcasts buffers in every forward (a collective), "
             "but ranks run different numbers of micro-batches under Poisson sampling; construct it with "
             "DistributedDataParallel(..., broadcast_buffers=False)"

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ..context import per_sample_grads
 from ..distributed import World, world_of
+from ..errors import InvalidArgumentError
 from ..result import PerSampleGrads
 from .accounting import Accountant, Mechanism, noise_multiplier_for
 from .clipping import Clipping
@@ -80,7 +81,9 @@ class DPSGD:
         self.model = model
         self.optimizer = optimizer
         self._world: World | None = world_of(model)
-        self._inner: nn.Module = model.module if self._world is not None else model  # type: ignore[assignment]
+        inner = model.module if self._world is not None else model  # DDP: the wrapped module
+        assert isinstance(inner, nn.Module)
+        self._inner = inner
         cfg: Config = configure(
             self._inner, optimizer, dataset_size=dataset_size, expected_batch_size=expected_batch_size,
             delta=delta, max_norm=max_norm, clipping=clipping, noise_multiplier=noise_multiplier,
@@ -208,8 +211,9 @@ class DPSGD:
             self._last = None
         ok = False
         try:
+            # DDP's no_sync(); torch types Module.__getattr__ as Tensor | Module.
             sync = self.model.no_sync() if self._world is not None else contextlib.nullcontext()  # pyright: ignore[reportCallIssue]
-            ctx = per_sample_grads(self._inner, loss_reduction=self.config.loss_reduction, materialize=False, one_backward=True)  # type: ignore[arg-type]
+            ctx = per_sample_grads(self._inner, loss_reduction=self.config.loss_reduction, materialize=False, one_backward=True)
             with sync, ctx as g:
                 yield g
             self.last_norms.append(batch.add(g).detach())
@@ -231,10 +235,10 @@ class DPSGD:
     def _steps_to_run(self, epochs: int | None) -> int:
         if epochs is not None:
             if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-                raise ValueError(f"DPSGD.batches: epochs must be a positive int, got {epochs!r}")
+                raise InvalidArgumentError(f"DPSGD.batches: epochs must be a positive int, got {epochs!r}")
             return epochs * self.config.steps_per_epoch
         if self.config.planned_steps is None:
-            raise ValueError("DPSGD.batches: pass epochs= (the constructor was given no epochs)")
+            raise InvalidArgumentError("DPSGD.batches: pass epochs= (the constructor was given no epochs)")
         return max(0, self.config.planned_steps - self._steps)
 
     def _open(self) -> None:
@@ -321,12 +325,12 @@ class DPSGD:
         if self._batch is not None:
             raise DPUsageError("DPSGD.load_state_dict(): inside a logical batch")
         if state.get("format") != "gradhooks.privacy.DPSGD/1":
-            raise ValueError("DPSGD.load_state_dict: not a DPSGD state dict")
+            raise InvalidArgumentError("DPSGD.load_state_dict: not a DPSGD state dict")
         cfg = self.config
         for key, mine in (("dataset_size", cfg.dataset_size), ("sample_rate", cfg.sample_rate),
                           ("noise_multiplier", cfg.noise_multiplier), ("accountant", cfg.accountant)):
             if state[key] != mine:
-                raise ValueError(f"DPSGD.load_state_dict: saved with {key}={state[key]!r}, this DPSGD has {mine!r}")
+                raise InvalidArgumentError(f"DPSGD.load_state_dict: saved with {key}={state[key]!r}, this DPSGD has {mine!r}")
         self.sampler.load_state_dict(state["sampler"])
         self.noise_generator.set_state(state["noise_generator"])
         self.clipping.load_state_dict(state["clipping"])

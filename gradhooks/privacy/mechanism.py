@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..clip import add_gaussian_
+from ..errors import ArgumentTypeError, InvalidArgumentError
 from ..result import PerSampleGrads
 from .errors import DPUsageError, UncoveredParameterError
 
@@ -28,7 +29,7 @@ def positive(fn: str, name: str, value: Any, *, allow_zero: bool = False, hint: 
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < 0 or (value == 0 and not allow_zero):
         what = "a finite number >= 0" if allow_zero else "a finite positive number"
-        raise ValueError(f"{fn}: {name} must be {what}, got {value!r}{hint}")
+        raise InvalidArgumentError(f"{fn}: {name} must be {what}, got {value!r}{hint}")
     return float(value)
 
 
@@ -36,11 +37,11 @@ def check_generator(fn: str, generator: torch.Generator | None, params: Iterable
     if generator is None:
         return
     if not isinstance(generator, torch.Generator):
-        raise TypeError(f"{fn}: generator must be a torch.Generator or None, got {type(generator).__name__}")
+        raise ArgumentTypeError(f"{fn}: generator must be a torch.Generator or None, got {type(generator).__name__}")
     gdev = torch.device(generator.device)
     for p in params:
         if p.device != gdev:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{fn}: the generator is on {gdev} but a parameter is on {p.device}; "
                 f"pass torch.Generator(device={str(p.device)!r}).manual_seed(seed)"
             )
@@ -48,7 +49,7 @@ def check_generator(fn: str, generator: torch.Generator | None, params: Iterable
 
 def check_dense(fn: str, params: Iterable[Tensor]) -> None:
     if any(p.grad is not None and p.grad.is_sparse for p in params):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{fn}: noise makes every row of a sparse gradient nonzero; use dense gradients "
             "(nn.Embedding(sparse=False)) for DP-SGD"
         )
@@ -143,7 +144,7 @@ def privatize_(
     """
     fn = "privatize_"
     if not isinstance(g, PerSampleGrads):
-        raise TypeError(f"{fn}: g must be the PerSampleGrads of a per_sample_grads context, got {type(g).__name__}")
+        raise ArgumentTypeError(f"{fn}: g must be the PerSampleGrads of a per_sample_grads context, got {type(g).__name__}")
     max_norm = positive(fn, "max_norm", max_norm, hint=" (the per-sample clipping norm C)")
     sigma = positive(
         fn, "noise_multiplier", noise_multiplier, allow_zero=True,

@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Sampler
 
+from ..errors import InvalidArgumentError
+
 __all__ = ["PoissonBatchSampler", "split", "shard"]
 
 
@@ -44,19 +46,19 @@ class PoissonBatchSampler(Sampler[list[int]]):
         generator: torch.Generator | None = None,
     ) -> None:
         if isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size < 1:
-            raise ValueError(f"PoissonBatchSampler: dataset_size must be a positive int, got {dataset_size!r}")
+            raise InvalidArgumentError(f"PoissonBatchSampler: dataset_size must be a positive int, got {dataset_size!r}")
         ok = isinstance(sample_rate, (int, float)) and not isinstance(sample_rate, bool)
         if not ok or not 0 < sample_rate <= 1:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"PoissonBatchSampler: sample_rate must be in (0, 1], got {sample_rate!r} "
                 "(expected batch size / dataset_size)"
             )
         if steps is None:
             steps = max(1, round(1 / sample_rate))
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"PoissonBatchSampler: steps must be a positive int or None, got {steps!r}")
+            raise InvalidArgumentError(f"PoissonBatchSampler: steps must be a positive int or None, got {steps!r}")
         if generator is not None and torch.device(generator.device).type != "cpu":
-            raise ValueError("PoissonBatchSampler: generator must be a CPU torch.Generator")
+            raise InvalidArgumentError("PoissonBatchSampler: generator must be a CPU torch.Generator")
         self.dataset_size = dataset_size
         self.sample_rate = float(sample_rate)
         self.steps = steps
@@ -87,7 +89,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the batch sequence saved by :meth:`state_dict`."""
         if state.get("dataset_size") != self.dataset_size or state.get("sample_rate") != self.sample_rate:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"PoissonBatchSampler.load_state_dict: saved for dataset_size={state.get('dataset_size')}, "
                 f"sample_rate={state.get('sample_rate')}; this sampler has {self.dataset_size}, {self.sample_rate}"
             )

@@ -32,16 +32,18 @@ cross terms exactly. The clipped sum is one weight-gradient call on ``c * G``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..capture import Call
+from ..errors import InvalidArgumentError
 from ..registry import register_rule
 from ..rule import CHUNK_ELEMS, Rule, accumulation_dtype, squared_norms_of
 
-__all__ = ["ConvRule", "geometry_key", "GRAM_COST", "PATCH_ELEMS", "UNFOLD_CHANNELS", "UNFOLD_POSITIONS"]
+__all__ = ["ConvModule", "ConvRule", "geometry_key", "GRAM_COST", "PATCH_ELEMS", "UNFOLD_CHANNELS", "UNFOLD_POSITIONS"]
 
 #: Cost of one Gram multiply-add relative to one of the materialized per-sample
 #: weight gradient: the Gram form is used when ``GRAM_COST * T^2 (i + o) < T i o``
@@ -60,14 +62,31 @@ UNFOLD_CHANNELS = 8
 UNFOLD_POSITIONS = 128
 
 
-def _spatial(module: nn.Module) -> int:
-    return len(module.kernel_size)  # type: ignore[arg-type]
+class ConvModule(Protocol):
+    """What the rule reads of its ``module``: a conv call's geometry under ``nn.Conv*``'s
+    attribute names (:class:`gradhooks.uses.conv.ConvGeometry`)."""
+
+    weight: Tensor
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    in_channels: int
+    out_channels: int
+    padding_mode: str
+    _reversed_padding_repeated_twice: list[int]
+
+    def get_parameter(self, name: str) -> Tensor: ...
 
 
-def _check_batched(module: nn.Module, x: Tensor) -> None:
+def _spatial(module: ConvModule) -> int:
+    return len(module.kernel_size)
+
+
+def _check_batched(module: ConvModule, x: Tensor) -> None:
     d = _spatial(module)
     if x.dim() != d + 2:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{type(module).__name__} received an input of shape {tuple(x.shape)}; per_sample_grads "
             f"needs batched input (N, C, {', '.join('S' + str(k) for k in range(d))}) with the batch "
             "in dimension 0. Unbatched conv input is not supported: add a batch dimension "
@@ -75,23 +94,23 @@ def _check_batched(module: nn.Module, x: Tensor) -> None:
         )
 
 
-def _pad_pairs(module: nn.Module) -> list[tuple[int, int]]:
+def _pad_pairs(module: ConvModule) -> list[tuple[int, int]]:
     """``(left, right)`` padding per spatial dimension, in dimension order."""
-    rev = list(module._reversed_padding_repeated_twice)  # type: ignore[arg-type]
+    rev = list(module._reversed_padding_repeated_twice)
     d = _spatial(module)
     return [(rev[2 * (d - 1 - k)], rev[2 * (d - 1 - k) + 1]) for k in range(d)]
 
 
-def _padded(module: nn.Module, x: Tensor) -> Tensor:
+def _padded(module: ConvModule, x: Tensor) -> Tensor:
     """``X`` padded explicitly exactly as the module pads it: ``(N, C, *S_padded)``."""
     pairs = _pad_pairs(module)
     if not any(a or b for a, b in pairs):
         return x
     mode = module.padding_mode
-    return F.pad(x, module._reversed_padding_repeated_twice, mode="constant" if mode == "zeros" else mode)  # type: ignore[arg-type]
+    return F.pad(x, module._reversed_padding_repeated_twice, mode="constant" if mode == "zeros" else mode)
 
 
-def _conv_input(module: nn.Module, call: Call, dtype: torch.dtype) -> tuple[Tensor, Tensor, list[int]]:
+def _conv_input(module: ConvModule, call: Call, dtype: torch.dtype) -> tuple[Tensor, Tensor, list[int]]:
     """``(X, G, padding)`` to pass to a conv of the module's geometry: symmetric zero
     padding stays an argument, any other padding is applied to ``X`` here."""
     x = call.input
@@ -104,7 +123,7 @@ def _conv_input(module: nn.Module, call: Call, dtype: torch.dtype) -> tuple[Tens
     return _padded(module, x), g, [0] * len(pairs)
 
 
-def _weight_grad(module: nn.Module, x: Tensor, g: Tensor, padding: list[int], per_sample: bool) -> Tensor:
+def _weight_grad(module: ConvModule, x: Tensor, g: Tensor, padding: list[int], per_sample: bool) -> Tensor:
     """Conv weight gradient ``(O, C/groups, *K)``; with ``per_sample`` the batch is
     folded into the groups and the result is ``(N, O, C/groups, *K)``."""
     w_shape = tuple(module.weight.shape)
@@ -122,7 +141,7 @@ def _weight_grad(module: nn.Module, x: Tensor, g: Tensor, padding: list[int], pe
     return got.reshape(-1, *module.weight.shape) if per_sample else got
 
 
-def _patches(module: nn.Module, xp: Tensor) -> Tensor:
+def _patches(module: ConvModule, xp: Tensor) -> Tensor:
     """Explicitly padded ``X`` ``(N, C, *S)`` -> patches ``(N, groups, C/groups * K, T)``.
 
     Built from strided views and one copy, positions innermost (faster than
@@ -139,7 +158,7 @@ def _patches(module: nn.Module, xp: Tensor) -> Tensor:
     return u.contiguous().view(n, module.groups, -1, positions)
 
 
-def use_unfold(module: nn.Module, positions: int) -> bool:
+def use_unfold(module: ConvModule, positions: int) -> bool:
     """Whether patches + batched matmul beat the folded grouped conv for the per-sample
     weight gradient of a call with ``positions`` output positions (measured rule)."""
     inputs = module.in_channels // module.groups
@@ -147,7 +166,7 @@ def use_unfold(module: nn.Module, positions: int) -> bool:
     return outputs >= 2 and (inputs < UNFOLD_CHANNELS or positions < UNFOLD_POSITIONS)
 
 
-def _unfolded_weight_grad(module: nn.Module, xp: Tensor, g: Tensor) -> Tensor:
+def _unfolded_weight_grad(module: ConvModule, xp: Tensor, g: Tensor) -> Tensor:
     """Explicitly padded ``X`` ``(N, C, *S)``, ``G`` ``(N, O, *L)`` -> per-sample weight
     grads ``(N, *W.shape)``: ``G U^T`` per sample and group, patches built a block of
     samples at a time."""
@@ -167,7 +186,7 @@ def _unfolded_weight_grad(module: nn.Module, xp: Tensor, g: Tensor) -> Tensor:
     return out
 
 
-def _per_sample_weight_grad(module: nn.Module, x: Tensor, g: Tensor, padding: list[int]) -> Tensor:
+def _per_sample_weight_grad(module: ConvModule, x: Tensor, g: Tensor, padding: list[int]) -> Tensor:
     """``(N, *W.shape)`` from :func:`_conv_input`'s ``(X, G, padding)``, by the form
     :func:`use_unfold` picks for this call."""
     if use_unfold(module, g.shape[2:].numel()):
@@ -175,7 +194,7 @@ def _per_sample_weight_grad(module: nn.Module, x: Tensor, g: Tensor, padding: li
     return _weight_grad(module, x, g, padding, per_sample=True)
 
 
-def _gram_squared_norms(module: nn.Module, xs: list[Tensor], gs: list[Tensor]) -> Tensor:
+def _gram_squared_norms(module: ConvModule, xs: list[Tensor], gs: list[Tensor]) -> Tensor:
     """``(N,)``: ``sum_groups <U U^T, G G^T>`` over the calls' positions pooled.
     ``xs``: explicitly padded inputs ``(N, C, *S)``; ``gs``: output grads ``(N, O, *L)``."""
     groups = module.groups
@@ -195,7 +214,7 @@ def _gram_squared_norms(module: nn.Module, xs: list[Tensor], gs: list[Tensor]) -
     return torch.cat(out)
 
 
-def _materialized_squared_norms(module: nn.Module, calls: Sequence[tuple[Tensor, Tensor, list[int]]]) -> Tensor:
+def _materialized_squared_norms(module: ConvModule, calls: Sequence[tuple[Tensor, Tensor, list[int]]]) -> Tensor:
     """``(N,)``: squared norms of the per-sample weight grads summed over calls, built
     a block of samples at a time."""
     n = calls[0][1].shape[0]
@@ -211,7 +230,7 @@ def _materialized_squared_norms(module: nn.Module, calls: Sequence[tuple[Tensor,
     return torch.cat(out)
 
 
-def use_gram(module: nn.Module, positions: Sequence[int]) -> bool:
+def use_gram(module: ConvModule, positions: Sequence[int]) -> bool:
     """Whether the Gram form is cheaper than materializing for these calls' positions."""
     t = sum(positions)
     i = module.weight[0].numel()
@@ -219,7 +238,7 @@ def use_gram(module: nn.Module, positions: Sequence[int]) -> bool:
     return GRAM_COST * t * t * (i + o) < t * i * o
 
 
-def _weight_squared_norms(module: nn.Module, calls: Sequence[Call], dtype: torch.dtype, gram: bool | None = None) -> Tensor:
+def _weight_squared_norms(module: ConvModule, calls: Sequence[Call], dtype: torch.dtype, gram: bool | None = None) -> Tensor:
     """``(N,)``: ``||sum_calls per-sample weight grad||^2``, cheapest exact form
     (``gram`` forces one)."""
     prepared = [_conv_input(module, c, dtype) for c in calls]
@@ -244,7 +263,7 @@ class ConvRule(Rule):
     by_ops = True
     subclass_forward_ok = True
 
-    def per_sample(self, module: nn.Module, calls: Sequence[Call], names: Sequence[str]) -> dict[str, Tensor]:
+    def per_sample(self, module: ConvModule, calls: Sequence[Call], names: Sequence[str]) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         for name in names:
             dtype = module.get_parameter(name).dtype
@@ -260,19 +279,21 @@ class ConvRule(Rule):
             out[name] = acc
         return out
 
-    def squared_norms(self, module: nn.Module, calls: Sequence[Call], names: Sequence[str]) -> dict[str, Tensor]:
+    def squared_norms(self, module: ConvModule, calls: Sequence[Call], names: Sequence[str]) -> dict[str, Tensor]:
         acc = accumulation_dtype(module.get_parameter(names[0]).dtype)
         out: dict[str, Tensor] = {}
         for name in names:
             if name == "weight":
                 out[name] = _weight_squared_norms(module, calls, acc)
             else:
-                b = sum(_bias_sum(call.grad.to(acc)) for call in calls)
-                out[name] = b.square().sum(1)  # type: ignore[union-attr]
+                b = _bias_sum(calls[0].grad.to(acc))
+                for call in calls[1:]:
+                    b = b + _bias_sum(call.grad.to(acc))
+                out[name] = b.square().sum(1)
         return out
 
     def weighted_sum_into(
-        self, module: nn.Module, calls: Sequence[Call], names: Sequence[str], weights: Tensor, out: dict[str, Tensor]
+        self, module: ConvModule, calls: Sequence[Call], names: Sequence[str], weights: Tensor, out: dict[str, Tensor]
     ) -> None:
         acc = out[names[0]].dtype
         for call in calls:
@@ -292,7 +313,7 @@ class ConvRule(Rule):
                 out["bias"].addmv_(_bias_sum(g).T, w)
 
     def dots(
-        self, module: nn.Module, calls: Sequence[Call], names: Sequence[str], others: dict[str, Tensor]
+        self, module: ConvModule, calls: Sequence[Call], names: Sequence[str], others: dict[str, Tensor]
     ) -> dict[str, Tensor]:
         acc = accumulation_dtype(module.get_parameter(names[0]).dtype)
         out: dict[str, Tensor] = {}
@@ -312,7 +333,7 @@ class ConvRule(Rule):
                 out[name] = t if name not in out else out[name] + t
         return out
 
-    def can_pool(self, module: nn.Module, other: nn.Module, name: str) -> bool:
+    def can_pool(self, module: ConvModule, other: Any, name: str) -> bool:
         # A bias's gradient is G summed over positions, whatever the geometry; pooled
         # weight calls are computed with ``module``'s geometry, so it must be identical.
         if isinstance(other, nn.Module) or not callable(getattr(other, "key", None)):
@@ -320,7 +341,7 @@ class ConvRule(Rule):
         return name == "bias" or geometry_key(other) == geometry_key(module)
 
 
-def geometry_key(module: nn.Module) -> tuple[object, ...]:
+def geometry_key(module: ConvModule) -> tuple[object, ...]:
     """Everything besides the weight that decides which input values meet which tap."""
     return (
         tuple(module.kernel_size),
@@ -332,7 +353,7 @@ def geometry_key(module: nn.Module) -> tuple[object, ...]:
     )
 
 
-def _conv(module: nn.Module, x: Tensor, weight: Tensor, padding: list[int]) -> Tensor:
+def _conv(module: ConvModule, x: Tensor, weight: Tensor, padding: list[int]) -> Tensor:
     """The module's convolution (stride, dilation, groups) of ``x`` with ``weight``."""
     conv = (F.conv1d, F.conv2d, F.conv3d)[_spatial(module) - 1]
     return conv(x, weight, None, module.stride, padding, module.dilation, module.groups)

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ..capture import Call
+from ..errors import InvalidArgumentError
 from ..rule import Rule, accumulation_dtype, squared_norms_of
 
 __all__ = ["DenseRule", "DENSE"]
@@ -41,7 +42,7 @@ def _value(calls: Sequence[Call], name: str) -> Tensor:
             continue
         total = t if total is None else total + t
     if total is None:
-        raise ValueError(f"no per-sample gradient was recorded for {name!r}")
+        raise InvalidArgumentError(f"no per-sample gradient was recorded for {name!r}")
     return total
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -120,6 +121,17 @@ def squared_norms_grouped(idx: Tensor, g: Tensor, padding_idx: int | None, num_r
     return out
 
 
+class LookupModule(Protocol):
+    """What the rule reads of its ``module``: a lookup's arguments under
+    ``nn.Embedding``'s attribute names (built by :mod:`gradhooks.uses.embedding`)."""
+
+    weight: Tensor
+    padding_idx: int | None
+    num_embeddings: int
+
+    def get_parameter(self, name: str) -> Tensor: ...
+
+
 @register_rule(nn.Embedding)
 class EmbeddingRule(Rule):
     """Per-sample gradients of a lookup in a weight: ``F.embedding``, ``weight[ids]``.
@@ -138,7 +150,7 @@ class EmbeddingRule(Rule):
             )
         return None
 
-    def per_sample(self, module: nn.Module, calls: Sequence[Call], names: Sequence[str]) -> dict[str, Tensor]:
+    def per_sample(self, module: LookupModule, calls: Sequence[Call], names: Sequence[str]) -> dict[str, Tensor]:
         p = module.get_parameter("weight")
         n = calls[0].grad.shape[0]
         out = torch.zeros((n, *p.shape), dtype=p.dtype, device=p.device)
@@ -147,7 +159,7 @@ class EmbeddingRule(Rule):
 
     def per_sample_into(
         self,
-        module: nn.Module,
+        module: LookupModule,
         calls: Sequence[Call],
         names: Sequence[str],
         out: dict[str, Tensor],
@@ -157,7 +169,7 @@ class EmbeddingRule(Rule):
             out["weight"].zero_()
         self._fill(module, calls, out["weight"])
 
-    def _fill(self, module: nn.Module, calls: Sequence[Call], out: Tensor) -> None:
+    def _fill(self, module: LookupModule, calls: Sequence[Call], out: Tensor) -> None:
         """Add each sample's gradient into ``out`` ``(N, V, D)``, a block of samples at
         a time (accumulated in float32+, written in ``out.dtype``)."""
         _, v, d = out.shape
@@ -176,7 +188,7 @@ class EmbeddingRule(Rule):
             if not direct:
                 out[sl].add_(block)
 
-    def squared_norms(self, module: nn.Module, calls: Sequence[Call], names: Sequence[str]) -> dict[str, Tensor]:
+    def squared_norms(self, module: LookupModule, calls: Sequence[Call], names: Sequence[str]) -> dict[str, Tensor]:
         acc = accumulation_dtype(module.get_parameter("weight").dtype)
         pairs = [_indices_grads(c, acc) for c in calls]
         idx = torch.cat([i for i, _ in pairs], 1) if len(pairs) > 1 else pairs[0][0]
@@ -193,7 +205,7 @@ class EmbeddingRule(Rule):
 
     def weighted_sum_into(
         self,
-        module: nn.Module,
+        module: LookupModule,
         calls: Sequence[Call],
         names: Sequence[str],
         weights: Tensor,
@@ -208,7 +220,7 @@ class EmbeddingRule(Rule):
                 target.index_add_(0, index, _zero_padding(rows * w[sl][sample, None], keep))
 
     def dots(
-        self, module: nn.Module, calls: Sequence[Call], names: Sequence[str], others: dict[str, Tensor]
+        self, module: LookupModule, calls: Sequence[Call], names: Sequence[str], others: dict[str, Tensor]
     ) -> dict[str, Tensor]:
         acc = accumulation_dtype(module.get_parameter("weight").dtype)
         m = others["weight"].to(acc)
@@ -223,6 +235,6 @@ class EmbeddingRule(Rule):
                 out[sl].index_add_(0, sample, per_row)
         return {"weight": out}
 
-    def can_pool(self, module: nn.Module, other: nn.Module, name: str) -> bool:
+    def can_pool(self, module: LookupModule, other: Any, name: str) -> bool:
         # Tied lookups pool when they treat the same rows as padding.
         return getattr(other, "padding_idx", None) == module.padding_idx

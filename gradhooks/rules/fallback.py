@@ -47,7 +47,7 @@ from torch.nn.modules.dropout import _DropoutNd
 from torch.utils import _pytree as pytree
 
 from ..capture import Call
-from ..errors import RuleError
+from ..errors import InvalidArgumentError, RuleError
 from ..rule import Rule, accumulation_dtype, long_sum_slack, squared_norms_of
 
 __all__ = ["FallbackRule", "BLOCK_ELEMENTS"]
@@ -118,7 +118,7 @@ class _Replay:
         def forward(trainable: dict[str, Tensor]) -> tuple[Tensor, ...]:
             out = pytree.tree_leaves(functional_call(self.module, trainable, tuple(args), kwargs))
             if len(out) != self.n_out:
-                raise RuntimeError(
+                raise RuleError(
                     f"replaying the forward gave {len(out)} output leaves, the recorded call had {self.n_out}"
                 )
             return tuple(out[i] for i in self.outs)
@@ -342,7 +342,7 @@ def _batch_size(calls: Sequence[Call]) -> int:
         for g in call.grads:
             if g is not None:
                 return int(g.shape[0])
-    raise ValueError("no call of this module received a gradient")
+    raise InvalidArgumentError("no call of this module received a gradient")
 
 
 def _memo_key(calls: Sequence[Call]) -> tuple[Any, ...]:

@@ -137,7 +137,9 @@ class LinearRule(Rule):
             if name == "weight":
                 out[name] = _weight_squared_norms(*_pooled(calls, acc))
             else:
-                b = sum(_xg(c, acc)[1].sum(1) for c in calls)
+                b = _xg(calls[0], acc)[1].sum(1)
+                for c in calls[1:]:
+                    b = b + _xg(c, acc)[1].sum(1)
                 out[name] = b.square().sum(1)
         return out
 

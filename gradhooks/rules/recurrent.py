@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -71,6 +71,7 @@ def _cell(mode: str, zi: Tensor, zh: Tensor, h: Tensor, c: Tensor | None, c_tota
     ``h_new`` (``lstm_cell`` is composite: its ``cy`` feeds its ``hy``), so that path
     is not added again."""
     if mode == "LSTM":
+        assert c is not None  # an LSTM always carries its cell state
         i, f, g, o = (zi + zh).chunk(4, 1)
         c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         return torch.sigmoid(o) * torch.tanh(c_new.detach() if c_total else c_new), c_new
@@ -82,6 +83,13 @@ def _cell(mode: str, zi: Tensor, zh: Tensor, h: Tensor, c: Tensor | None, c_tota
         return (1 - z) * n + z * h, None
     act = torch.tanh if mode == "RNN_TANH" else torch.relu
     return act(zi + zh), None
+
+
+def _present(ts: Sequence[Tensor | None]) -> list[Tensor]:
+    """``ts`` where every entry exists (an LSTM's cell states, a projected layer's steps)."""
+    out = [t for t in ts if t is not None]
+    assert len(out) == len(ts)
+    return out
 
 
 @dataclass
@@ -105,11 +113,12 @@ def _direction(geo: RecurrentGeometry, weight: Any, layer_in: Tensor, h: Tensor,
     if not zi.requires_grad:  # the first layer: nothing upstream to reach
         zi = zi.detach().requires_grad_()
     steps = layer_in.shape[1]
-    zh: list[Tensor] = [None] * steps  # type: ignore[list-item]
-    h_prev: list[Tensor] = [None] * steps  # type: ignore[list-item]
+    # Slots the loop fills, every one of them (in reverse order for reverse=True).
+    zh = cast("list[Tensor]", [None] * steps)
+    h_prev = cast("list[Tensor]", [None] * steps)
     ms: list[Tensor | None] = [None] * steps
     hs: list[Tensor | None] = [None] * steps
-    seq: list[Tensor] = [None] * steps  # type: ignore[list-item]
+    seq = cast("list[Tensor]", [None] * steps)
     for t in range(steps - 1, -1, -1) if reverse else range(steps):
         h_prev[t] = h
         zh[t] = torch.nn.functional.linear(h, w_hh, b_hh)
@@ -121,7 +130,7 @@ def _direction(geo: RecurrentGeometry, weight: Any, layer_in: Tensor, h: Tensor,
         if lengths is not None:  # a packed sequence: the state stays put outside its steps
             live = (t < lengths)[:, None]
             h = torch.where(live, h_new, h)
-            c = torch.where(live, c_new, c) if c is not None else None
+            c = torch.where(live, c_new, c) if c is not None and c_new is not None else None  # LSTM: both
             seq[t] = torch.where(live, h_new, torch.zeros_like(h_new))
         else:
             h, c = h_new, c_new
@@ -160,7 +169,7 @@ def _expand(geo: RecurrentGeometry, call: Call) -> dict[int, tuple[Tensor | None
         outputs = [layer_in, torch.stack([runs[k].h_n for k in order], 1)]
         grads_out = [call.grad_of(0), call.grad_of(1)]
         if geo.mode == "LSTM":
-            outputs.append(torch.stack([runs[k].c_n for k in order], 1))  # type: ignore[misc]
+            outputs.append(torch.stack(_present([runs[k].c_n for k in order]), 1))
             grads_out.append(call.grad_of(2))
         inputs = [runs[k].zi for k in order] + [t for k in order for t in runs[k].zh]
         inputs += [t for k in order for t in runs[k].h if t is not None]
@@ -175,8 +184,8 @@ def _expand(geo: RecurrentGeometry, call: Call) -> dict[int, tuple[Tensor | None
             dz = torch.stack([grad[id(t)] for t in run.zh], 1)
             out[i] = (torch.stack([t.detach() for t in run.h_prev], 1) if k == "w_hh" else None, dz)
         else:  # w_hr: h_t = m_t W_hr^T
-            dh = torch.stack([grad[id(t)] for t in run.h], 1)  # type: ignore[arg-type]
-            out[i] = (torch.stack([t.detach() for t in run.m], 1), dh)  # type: ignore[misc]
+            dh = torch.stack([grad[id(t)] for t in run.h], 1)
+            out[i] = (torch.stack([t.detach() for t in _present(run.m)], 1), dh)
     call.memo["~expanded"] = out
     return out
 

@@ -32,6 +32,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from ..errors import ArgumentTypeError
+
 __all__ = ["Source", "Derived", "Origin", "Chain", "VIEW_NAMES", "IDENTITY_NAMES"]
 
 
@@ -41,7 +43,8 @@ class Source:
     __slots__ = ("param", "name")
 
     def __init__(self, param: nn.Parameter, name: str) -> None:
-        self.param = param
+        # A Parameter; an FSDP2 context's exit replays with its gathered values instead.
+        self.param: Tensor = param
         self.name = name
 
     def __repr__(self) -> str:
@@ -143,7 +146,7 @@ class Chain:
             out.index_add_(0, index.reshape(-1), u.reshape(-1))
             return {id(self.sources[0]): out.view(p.shape)}
         with torch.enable_grad():
-            _, pullback = torch.func.vjp(self._fn(), self._env())
+            pullback = torch.func.vjp(self._fn(), self._env())[1]  # (output, vjp_fn)
             return pullback(u.to(self._dtype()))[0]
 
     def pull_batched(self, u: Tensor) -> dict[int, Tensor]:
@@ -158,7 +161,7 @@ class Chain:
             out.index_add_(1, index.reshape(-1), u.reshape(n, -1))
             return {id(self.sources[0]): out.view(n, *p.shape)}
         with torch.enable_grad():
-            _, pullback = torch.func.vjp(self._fn(), self._env())
+            pullback = torch.func.vjp(self._fn(), self._env())[1]  # (output, vjp_fn)
             return torch.func.vmap(lambda v: pullback(v)[0])(u.to(self._dtype()))
 
     def push(self, v: dict[int, Tensor]) -> Tensor:
@@ -187,9 +190,10 @@ class Chain:
     def flat_index(self) -> Tensor | None:
         """For a chain of view ops from one parameter: ``c``-shaped long tensor of the
         parameter's flat element behind each element of ``c``; else ``None``."""
-        if self._index is False:
-            self._index = _index_map(self.origin) if len(self.sources) == 1 else None
-        return self._index  # type: ignore[return-value]
+        index = self._index
+        if isinstance(index, bool):  # False: not computed yet
+            index = self._index = _index_map(self.origin) if len(self.sources) == 1 else None
+        return index
 
     def injective(self) -> bool:
         """Each parameter element appears at most once in ``c`` (norms carry over)."""
@@ -242,7 +246,7 @@ def _replay_index(node: Origin, env: dict[int, Tensor], memo: dict[int, Tensor])
         if node.out_path is not None:
             out = [o for o in pytree.tree_leaves(out) if isinstance(o, Tensor)][node.out_path]
     if not isinstance(out, Tensor) or out.dtype != torch.long:
-        raise TypeError("not an index map")
+        raise ArgumentTypeError("not an index map")
     memo[id(node)] = out
     return out
 

@@ -131,7 +131,7 @@ def getitem_layout(t: Tensor, index: Any, out: Tensor, batched: dict[int, AnyLay
         return _mask_rows(item, d, walk)
     if isinstance(item, Tensor) and src.plain and walk.block_ndim == 1 and item.dim() == 1 and item.numel() == n:
         if id(item) not in batched and torch.equal(item, torch.arange(n, device=item.device)):
-            if all(lay.dim == 0 and lay.plain for _, lay in index_lays):
+            if all(isinstance(lay, Layout) and lay.dim == 0 and lay.plain for _, lay in index_lays):
                 return Layout(walk.block)  # x[arange(N), idx]: one entry per sample
     return Opaque("an advanced index along the batch dimension")
 

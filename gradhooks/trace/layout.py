@@ -29,6 +29,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..errors import ArgumentTypeError, InvalidArgumentError
+
 __all__ = [
     "Layout",
     "Opaque",
@@ -180,7 +182,7 @@ def broadcast(out_ndim: int, parts: Sequence[tuple[int, AnyLayout]], sizes: Sequ
         elif out.dim != moved.dim or not out.same_structure(moved):
             return Opaque("an elementwise op combined tensors whose batch dimensions differ")
     if out is None:
-        raise ValueError("broadcast needs at least one batched input")
+        raise InvalidArgumentError("broadcast needs at least one batched input")
     return out
 
 
@@ -208,7 +210,7 @@ def batch_first(t: Tensor, layout: AnyLayout, n: int) -> Tensor:
     if isinstance(layout, Whole):
         return t.unsqueeze(0)
     if not isinstance(layout, Layout):
-        raise TypeError(f"no per-sample layout: {layout!r}")
+        raise ArgumentTypeError(f"no per-sample layout: {layout!r}")
     d = layout.dim
     if layout.rows is not None:
         return _gather_rows(t.movedim(d, 0), layout.rows, n)
@@ -227,7 +229,7 @@ def split_batch(t: Tensor, layout: AnyLayout, n: int) -> list[Tensor]:
     if isinstance(layout, Whole):
         return [t[r : r + 1] for r in range(t.shape[0])] if t.dim() else [t]
     if not isinstance(layout, Layout) or layout.dim != 0 or layout.rows is not None:
-        raise ValueError("the batch is not in dimension 0")
+        raise InvalidArgumentError("the batch is not in dimension 0")
     if layout.plain:
         return [t]
     u = t.view(layout.outer, n, layout.inner, *t.shape[1:])

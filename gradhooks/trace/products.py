@@ -148,5 +148,5 @@ def matmul_layout(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], out:
         found = [x for x in (la, lb.moved(1) if isinstance(lb, Layout) else lb) if x is not None]
         if any(isinstance(x, (Opaque, Whole)) for x in found):
             return next(x for x in found if isinstance(x, (Opaque, Whole)))
-        return _combine(found, name)  # type: ignore[arg-type]
+        return _combine([x for x in found if isinstance(x, Layout)], name)  # all of them, after the check above
     return Opaque(f"{name} contracted over the batch dimension")

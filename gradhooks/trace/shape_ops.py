@@ -28,7 +28,7 @@ def _permute_dims(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], ndim
         a = _arg(args, kwargs, 1, "dim0", None)
         b = _arg(args, kwargs, 2, "dim1", None)
         if a is None:
-            a, b = kwargs.get("axis0"), kwargs.get("axis1")
+            a, b = kwargs["axis0"], kwargs["axis1"]  # the op ran, so it had one pair
         a, b = a % ndim, b % ndim
         order[a], order[b] = order[b], order[a]
     elif name in ("t", "__get__T", "numpy_T"):

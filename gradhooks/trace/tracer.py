@@ -273,7 +273,7 @@ class Tracer(TorchFunctionMode):
             names = ("gradient", "retain_graph", "create_graph", "inputs")
         else:
             names = ("grad_tensors", "retain_graph", "create_graph", "grad_variables", "inputs")
-        opts = dict(zip(names, args[1:], strict=False))
+        opts: dict[str, Any] = dict(zip(names, args[1:], strict=False))
         opts.update(kwargs)
         self._loss_roots(args[0] if args else kwargs.get("tensors"))
         with self:

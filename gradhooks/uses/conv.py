@@ -7,7 +7,6 @@ modules' non-zero padding modes call ``F.pad`` first, which the tracer follows.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch.nn.functional as F
@@ -60,7 +59,7 @@ def conv(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], b
     return watched
 
 
-def _tuple(value: int | Sequence[int], d: int) -> tuple[int, ...]:
+def _tuple(value: int | tuple[int, ...] | list[int], d: int) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * d
 
 
@@ -96,7 +95,7 @@ class ConvGeometry:
         return getattr(self, name)
 
     def key(self) -> tuple[object, ...]:
-        return geometry_key(self)  # type: ignore[arg-type]
+        return geometry_key(self)
 
 
 def _same_pair(kernel: int, dilation: int) -> tuple[int, int]:

@@ -132,12 +132,13 @@ def _rowwise(tr: Tracer, c: Tensor, origin: Origin, e: int, lay: Layout) -> Tens
     else:
         site, call = dense_site(tr, ("dense", id(origin)), {"value": (c, origin)})
 
-        def on_grad(grad: Tensor) -> None:
+        def keep_rows(grad: Tensor) -> None:
             g = grad.movedim(e, 0)
             u = g.new_zeros((n, *g.shape))
             u[sample[keep], j[keep]] = g[keep]
             call.add_grad(0, u.movedim(1, 1 + e))
 
+        on_grad = keep_rows
     rec.hook_tensor(stand_in, on_grad)
     return stand_in
 

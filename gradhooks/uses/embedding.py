@@ -28,9 +28,10 @@ EMBEDDING = EmbeddingRule()
 def _lookup(tr: Tracer, call_fn: Any, ids: Tensor, w: Tensor, wo: Origin, padding_idx: int | None, sparse: bool) -> Any:
     rec = tr.rec
     lay = tr.layout_of(ids)
+    assert lay is not None  # every caller found ids batched
     geometry = lambda: Geometry(weight=w, padding_idx=padding_idx, num_embeddings=w.shape[0], sparse=sparse)  # noqa: E731
     site = new_site(tr, ("embedding", padding_idx, id(wo)), EMBEDDING, geometry, {"weight": (w, wo)})
-    call = record(site, ids, lay, lay, "first")  # type: ignore[arg-type]
+    call = record(site, ids, lay, lay, "first")
     out = call_fn(rec.operand(w, wo, site, "weight", track=not sparse))
     # The output puts the batch where the indices have it (one more dim, last).
     tr.set_layout(out, lay)
@@ -89,10 +90,10 @@ def getitem(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     w, index = args[0], args[1]
     wo = origins.get(id(w))
     ok = (
-        wo is not None and isinstance(index, Tensor) and id(index) in batched and w.dim() == 2
+        isinstance(index, Tensor) and id(index) in batched and w.dim() == 2
         and index.dtype in (torch.long, torch.int) and id(w) not in batched
     )
-    if not ok:
+    if wo is None or not ok:
         tr.rec.unsupported(tr, "__getitem__", origins, "indexing that mixes a parameter with the batch in this way")
         return tr.rec.plain(tr, func, args, kwargs, batched, origins)
     return _lookup(tr, lambda w_op: w_op[index], index, w, wo, None, False)

@@ -99,21 +99,23 @@ def _matrix_right(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str
                   bias: tuple[Tensor, Origin] | None, replace: dict[int, str], origins: dict[int, Origin]) -> Any:
     """``x @ W`` with ``W`` ``(in, out)``: the rule's weight is ``W^T``."""
     lx = tr.layout_of(x)
+    assert lx is not None  # the caller found x batched
     if isinstance(lx, Layout) and lx.dim == x.dim() - 1:
         _feature_problem(tr, getattr(func, "__name__", "matmul"), origins)
         return tr.rec.plain(tr, func, args, kwargs, {id(x): lx}, origins)
     wt = w.t()
-    return _linear_use(tr, func, args, kwargs, x, lx, (wt, _transposed(wo, w)), bias, replace, "first")  # type: ignore[arg-type]
+    return _linear_use(tr, func, args, kwargs, x, lx, (wt, _transposed(wo, w)), bias, replace, "first")
 
 
 def _matrix_left(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], w: Tensor, wo: Origin, x: Tensor,
                  replace: dict[int, str], origins: dict[int, Origin]) -> Any:
     """``W @ x`` with ``x`` ``(..., in, cols)``: linear on ``x^T``."""
     lx = tr.layout_of(x)
+    assert lx is not None  # the caller found x batched
     if x.dim() < 2 or (isinstance(lx, Layout) and lx.dim == x.dim() - 2):
         _feature_problem(tr, getattr(func, "__name__", "matmul"), origins)
-        return tr.rec.plain(tr, func, args, kwargs, {id(x): lx}, origins)  # type: ignore[dict-item]
-    return _linear_use(tr, func, args, kwargs, x, lx, (w, wo), None, replace, "first_t")  # type: ignore[arg-type]
+        return tr.rec.plain(tr, func, args, kwargs, {id(x): lx}, origins)
+    return _linear_use(tr, func, args, kwargs, x, lx, (w, wo), None, replace, "first_t")
 
 
 def _unsupported(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], batched: dict[int, AnyLayout],

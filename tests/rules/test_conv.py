@@ -1,5 +1,5 @@
 """nn.Conv1d/2d/3d: per-sample gradients, norms, clipping and dot products against
-the naive loop and torch.func, float64, for every geometry option SPEC.md names
+the naive loop and torch.func, float64, for every geometry option the README names
 (stride, padding incl. "same" with even kernels and "valid", dilation, groups incl.
 depthwise, bias, every padding_mode), repeated calls and tied weights."""
 

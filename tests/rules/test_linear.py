@@ -1,5 +1,5 @@
 """nn.Linear: per-sample gradients, norms, clipping and dot products against the
-naive loop and torch.func, float64, for the layouts and uses SPEC.md names."""
+naive loop and torch.func, float64, for the layouts and uses the README names."""
 
 from __future__ import annotations
 
