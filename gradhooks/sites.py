@@ -218,17 +218,17 @@ def per_sample(covered: Sequence[Covered], n: int, unit: float = 1.0, buffers: d
 
 def _disjoint(pools: list[Pool]) -> bool:
     """Whether every pool reaches its own part of the parameter, injectively."""
-    seen: list[Tensor] = []
+    taken: Tensor | None = None
     for pool in pools:
-        if not pool.chain.injective():
+        index = pool.chain.flat_index()
+        if index is None or not pool.chain.injective():
             return False
-        elems = pool.chain.elements()
-        if elems is None:
+        flat = index.reshape(-1)
+        if taken is None:
+            taken = torch.zeros(pool.chain.sources[0].param.numel(), dtype=torch.bool, device=flat.device)
+        if bool(taken[flat].any()):
             return False
-        for other in seen:
-            if torch.isin(elems, other).any():
-                return False
-        seen.append(elems)
+        taken[flat] = True
     return True
 
 

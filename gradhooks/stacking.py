@@ -29,6 +29,10 @@ __all__ = ["Group", "compact"]
 
 #: Groups are formed only where at least this many layers share a shape.
 MIN_GROUP = 3
+#: ... and only for layers whose ``X`` and ``G`` together are at most this many
+#: elements: stacking copies the captures, which for large ones costs more than
+#: the per-layer overhead it saves (docs/measurements.md).
+MAX_LAYER_ELEMS = 2**17
 
 
 @dataclass(eq=False)
@@ -101,6 +105,8 @@ def _eligible(site: Site) -> _Key | None:
     x, g = call.input, call.grad
     n, t = g.shape[0], math.prod(g.shape[1:-1])
     if x.dim() < 2 or x.shape[0] != n or math.prod(x.shape[1:-1]) != t:
+        return None
+    if n * t * (x.shape[-1] + g.shape[-1]) > MAX_LAYER_ELEMS:
         return None
     return (n, t, x.shape[-1], g.shape[-1], x.dtype, g.dtype, x.device, accumulation_dtype(site.module.get_parameter(site.names[0]).dtype))
 

@@ -112,8 +112,12 @@ def affine_grads(
 
 def _joined(parts: list[Grads]) -> Grads:
     """Blocks of samples: per-sample tensors concatenated, scales summed."""
-    cat = lambda ts: None if ts[0] is None else torch.cat(ts)  # noqa: E731
-    total = lambda ts: None if ts[0] is None else sum(ts[1:], ts[0])  # noqa: E731
+    def cat(ts: list[Tensor | None]) -> Tensor | None:
+        return None if ts[0] is None else torch.cat([t for t in ts if t is not None])
+
+    def total(ts: list[Tensor | None]) -> Tensor | None:
+        return None if ts[0] is None else torch.stack([t for t in ts if t is not None]).sum(0)
+
     return Grads(cat([q.dw for q in parts]), cat([q.db for q in parts]), total([q.mw for q in parts]), total([q.mb for q in parts]))
 
 
@@ -122,6 +126,7 @@ def _flat_stats(kind: str, stats: Stats, n: int, d: int) -> tuple[Tensor | None,
     mean, rstd = stats
     if kind in ("layer", "rms"):
         return (None if mean is None else mean.reshape(n, -1)), rstd.reshape(n, -1)
+    assert mean is not None, "group and instance statistics carry a mean"
     if kind == "group":
         per = d // rstd.shape[-1]
         return mean.repeat_interleave(per, 1), rstd.repeat_interleave(per, 1)  # (N, C): small

@@ -200,14 +200,35 @@ class Chain:
         if isinstance(self.origin, Source):
             return True
         index = self.flat_index()
-        return index is not None and torch.unique(index).numel() == index.numel()
+        if index is None:
+            return False
+        if _only_injective_ops(self.origin):
+            return True  # a transpose or a chunk: no need to count (a sort per call and step)
+        counts = torch.zeros(self.sources[0].param.numel(), dtype=torch.int32, device=index.device)
+        counts.index_add_(0, index.reshape(-1), torch.ones_like(index.reshape(-1), dtype=torch.int32))
+        return bool((counts <= 1).all())
 
-    def elements(self) -> Tensor | None:
-        """The set of parameter elements ``c`` touches (sorted), for disjointness."""
-        if isinstance(self.origin, Source):
-            return None  # all of them
-        index = self.flat_index()
-        return None if index is None else torch.unique(index)
+
+#: View ops that never repeat an element of their input (bijections and sub-views).
+INJECTIVE_NAMES = frozenset(
+    {
+        "view", "reshape", "view_as", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze",
+        "ravel", "transpose", "swapaxes", "swapdims", "permute", "movedim", "moveaxis", "t",
+        "narrow", "select", "split", "chunk", "unbind", "tensor_split", "split_with_sizes",
+        "contiguous", "clone", "__get__", "flip", "roll",
+    }
+)  # fmt: skip
+
+
+def _only_injective_ops(origin: Origin) -> bool:
+    stack: list[Origin] = [origin]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, Derived):
+            if node.name not in INJECTIVE_NAMES and node.name not in IDENTITY_NAMES:
+                return False
+            stack.extend(node.parents)
+    return True
 
 
 def _index_map(origin: Origin) -> Tensor | None:

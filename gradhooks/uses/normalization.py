@@ -154,7 +154,7 @@ def rms_norm(tr: Tracer, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any
     def run(w_op: Any, b_op: Any) -> tuple[Tensor, Any]:
         if torch.is_autocast_enabled(x.device.type):
             return func(x, shape, w_op, eps), None
-        out, rstd = torch._fused_rms_norm(x, list(shape), w_op, eps)
+        out, rstd = torch._fused_rms_norm(x, list(shape), w_op, eps)  # pyright: ignore[reportPrivateImportUsage]
         return out, (None, rstd)
 
     def stats_of(xv: Tensor) -> Stats:
