@@ -51,7 +51,7 @@ def _expected(x, y, per_micro, reduction, max_norm):
     return want, first_norms
 
 
-def _worker(rank: int, init: str, sizes: list[int], out: mp.Queue, one_backward: bool) -> None:
+def _worker(rank: int, init: str, sizes: list[int], one_backward: bool, out: mp.Queue) -> None:
     try:
         sys.path.insert(0, os.getcwd())
         torch.set_num_threads(1)
@@ -144,12 +144,50 @@ def _worker(rank: int, init: str, sizes: list[int], out: mp.Queue, one_backward:
             dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("sizes", [[3, 3], [2, 5]], ids=["equal", "unequal"])
-def test_ddp_clip_matches_single_process(tmp_path, sizes, backward_mode):
+def _float32_sync_worker(rank: int, init: str, out: mp.Queue) -> None:
+    """DDP in sync mode (default backward mode), float32, a 256-wide layer, several
+    SGD steps: the all-reduced p.grad agrees with the ranks' average account (no
+    false alarm from rounding), and a weight penalty on one rank is still found."""
+    try:
+        sys.path.insert(0, os.getcwd())
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        from gradhooks import UnseenGradientError, per_sample_grads
+
+        torch.manual_seed(0)
+        ddp = DDP(nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 1)))
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+        gen = torch.Generator().manual_seed(rank)
+        x, y = torch.randn(128, 64, generator=gen), torch.randn(128, 1, generator=gen)
+        for _ in range(4):
+            opt.zero_grad(set_to_none=True)
+            with per_sample_grads(ddp) as g:
+                F.mse_loss(ddp(x), y).backward()
+            g.clip_(1.0)
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        try:
+            with per_sample_grads(ddp):
+                w = ddp.module[2].weight
+                (F.mse_loss(ddp(x), y) + (1e-3 * w.square().sum() if rank == 1 else 0.0)).backward()
+            raise AssertionError("a penalty on one rank should raise UnseenGradientError")
+        except UnseenGradientError as err:
+            assert "2.weight" in str(err), str(err)
+        out.put((rank, "ok", 1))
+    except BaseException:
+        out.put((rank, "fail", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _spawn(tmp_path, target, *args) -> list:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     init = f"file://{tmp_path / 'rendezvous'}"
-    procs = [ctx.Process(target=_worker, args=(r, init, sizes, out, backward_mode == "one")) for r in range(WORLD)]
+    procs = [ctx.Process(target=target, args=(r, init, *args, out)) for r in range(WORLD)]
     for p in procs:
         p.start()
     results = []
@@ -163,4 +201,16 @@ def test_ddp_clip_matches_single_process(tmp_path, sizes, backward_mode):
                 p.kill()
     failures = [r for r in results if r[1] != "ok"]
     assert not failures, "\n".join(str(f[2]) for f in failures)
+    return results
+
+
+@pytest.mark.backward_mode("default")
+def test_ddp_sync_mode_float32_steps_raise_no_false_alarm(tmp_path, backward_mode):
+    _spawn(tmp_path, _float32_sync_worker)
+
+
+@pytest.mark.parametrize("sizes", [[3, 3], [2, 5]], ids=["equal", "unequal"])
+def test_ddp_clip_matches_single_process(tmp_path, sizes, backward_mode):
+    results = _spawn(tmp_path, _worker, sizes, backward_mode == "one")
     assert all(r[2] == 20 for r in results)
+

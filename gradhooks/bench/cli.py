@@ -31,7 +31,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quick",
         action="store_true",
-        help=f"a smoke run of about a minute on 2 cores: the 'quick' group ({', '.join(QUICK)}) unless --configs, "
+        help=f"a smoke run of about 20 s on 2 cores: the 'quick' group ({', '.join(QUICK)}) unless --configs, "
         "5 rounds, 1 warm-up, naive cap 4, no memory column; indicative ratios, not the full run's",
     )
     p.add_argument(
