@@ -186,8 +186,8 @@ def _backpack(extension: str, attr: str) -> Callable[[Case, int], Runner]:
     the mean loss; norms scaled back) or ``BatchL2Grad`` (squared norms only)."""
 
     def prepare(case: Case, cap: int) -> Runner:
-        import backpack
-        from backpack import extensions
+        import backpack  # pyright: ignore[reportMissingImports]
+        from backpack import extensions  # pyright: ignore[reportMissingImports]
 
         model = backpack.extend(copy.deepcopy(case.model))
         params = trainable(model)
