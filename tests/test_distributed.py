@@ -15,6 +15,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from tests.spawn import spawn
+
 WORLD = 2
 TIMEOUT_S = 120
 TOL = {"rtol": 1e-9, "atol": 1e-12}
@@ -183,34 +185,13 @@ def _float32_sync_worker(rank: int, init: str, out: mp.Queue) -> None:
             dist.destroy_process_group()
 
 
-def _spawn(tmp_path, target, *args) -> list:
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    init = f"file://{tmp_path / 'rendezvous'}"
-    procs = [ctx.Process(target=target, args=(r, init, *args, out)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    results = []
-    try:
-        for _ in range(WORLD):
-            results.append(out.get(timeout=TIMEOUT_S))
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    failures = [r for r in results if r[1] != "ok"]
-    assert not failures, "\n".join(str(f[2]) for f in failures)
-    return results
-
-
 @pytest.mark.backward_mode("default")
 def test_ddp_sync_mode_float32_steps_raise_no_false_alarm(tmp_path, backward_mode):
-    _spawn(tmp_path, _float32_sync_worker)
+    spawn(WORLD, _float32_sync_worker, f"file://{tmp_path / 'rendezvous'}", timeout_s=TIMEOUT_S)
 
 
 @pytest.mark.parametrize("sizes", [[3, 3], [2, 5]], ids=["equal", "unequal"])
 def test_ddp_clip_matches_single_process(tmp_path, sizes, backward_mode):
-    results = _spawn(tmp_path, _worker, sizes, backward_mode == "one")
+    results = spawn(WORLD, _worker, f"file://{tmp_path / 'rendezvous'}", sizes, backward_mode == "one", timeout_s=TIMEOUT_S)
     assert all(r[2] == 20 for r in results)
 

@@ -304,23 +304,10 @@ def _ddp_worker(rank, init, cases, out):
 
 
 def test_ddp_matches_one_process(tmp_path):
-    import torch.multiprocessing as mp
+    from tests.spawn import spawn
 
     cases = [p.values for p in DDP_CASES]
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_ddp_worker, args=(r, f"file://{tmp_path / 'rdv'}", cases, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        got = dict((r, (status, res)) for r, status, res in (out.get(timeout=180) for _ in procs))
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    failures = [res for status, res in got.values() if status != "ok"]
-    assert not failures, "\n".join(failures)
+    got = {r: (status, res) for r, status, res in spawn(2, _ddp_worker, f"file://{tmp_path / 'rdv'}", cases, timeout_s=180)}
     x, y = dataset()
     for i, (L, _, spec) in enumerate(cases):
         want, ref = replay(net(), x, y, L=L, sigma=0.9, style=dict(spec))

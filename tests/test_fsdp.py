@@ -18,9 +18,10 @@ import traceback
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
+
+from tests.spawn import spawn
 
 pytestmark = pytest.mark.backward_mode("one")  # FSDP2 needs one_backward=True (the default mode is refused, tested)
 
@@ -451,24 +452,7 @@ def _worker(rank: int, world: int, init: str, plan: Plan, out) -> None:
 
 def _spawn(tmp_path, plan: Plan) -> list:
     world = len(plan[0][0])
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    init = f"file://{tmp_path / 'rendezvous'}"
-    procs = [ctx.Process(target=_worker, args=(r, world, init, plan, out)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results = []
-    try:
-        for _ in range(world):
-            results.append(out.get(timeout=TIMEOUT_S))
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    failures = [r for r in results if r[1] != "ok"]
-    assert not failures, "\n".join(str(f[2]) for f in failures)
-    return results
+    return spawn(world, _worker, world, f"file://{tmp_path / 'rendezvous'}", plan, timeout_s=TIMEOUT_S)
 
 
 # Process start-up and FSDP's first step cost seconds: each world size is one spawn.
