@@ -10,14 +10,16 @@ of all ranks are added in one all-reduce (:mod:`gradhooks.distributed`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from .accounts import Account
 from .distributed import ShardedWorld
+from .errors import InvalidArgumentError
 from .rule import accumulation_dtype
 
 if TYPE_CHECKING:
@@ -27,6 +29,22 @@ __all__ = ["CLIP_EPS", "clip_factors", "gaussian_like", "add_gaussian_", "write_
 
 #: Added to each norm before dividing, as in ``torch.nn.utils.clip_grad_norm_``.
 CLIP_EPS = 1e-6
+
+
+def check_max_norm(max_norm: float) -> None:
+    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or math.isnan(max_norm) or max_norm <= 0:
+        raise InvalidArgumentError(f"clip_: max_norm must be a positive number, got {max_norm!r}")
+
+
+def global_counts(world: Any, n: int, bad: int) -> tuple[float, float]:
+    """``(samples, samples with a non-finite norm)`` over all ranks (collective when
+    ``world`` is a process group: every rank learns of another's bad sample)."""
+    if world is None:
+        return float(n), float(bad)
+    info = torch.tensor([float(n), float(bad)], dtype=torch.float64)
+    world.sum_([info])
+    total, bads = info.tolist()
+    return total, bads
 
 
 def clip_factors(norms: Tensor, max_norm: float) -> Tensor:

@@ -10,7 +10,6 @@ without any ``(N, *p.shape)`` tensor. Clipping and noise are in
 from __future__ import annotations
 
 import difflib
-import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Literal
 
@@ -223,15 +222,10 @@ class PerSampleGrads(Mapping[str, Tensor]):
         ``z ~ N(0, noise_std^2 I)`` (per-sample units), ``D = divisor`` or the
         reduction's own (global N for "mean", 1 for "sum")."""
         account = self._require()
-        if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or math.isnan(max_norm) or max_norm <= 0:
-            raise InvalidArgumentError(f"clip_: max_norm must be a positive number, got {max_norm!r}")
+        clip.check_max_norm(max_norm)
         norms = self.norms()
         bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
-        total_n, bad_anywhere = float(self._n), len(bad)
-        if self._world is not None:
-            info = torch.tensor([float(self._n), float(len(bad))], dtype=torch.float64)
-            self._world.sum_([info])
-            total_n, bad_anywhere = info.tolist()
+        total_n, bad_anywhere = clip.global_counts(self._world, self._n, len(bad))
         factors = clip.clip_factors(norms, max_norm)
         if bad_anywhere:
             if self._grad_scale is not None:
