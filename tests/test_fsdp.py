@@ -252,8 +252,19 @@ class CheckpointedNet(Net):
         return self.head(self.ln(x))
 
 
-def run_checkpoint(rank: int, world: int, sizes: list[int]) -> int:
+def clip_and_compare(net: Net, ids, y, lo: int, hi: int, want: dict, norms) -> None:
+    """This rank's slice through the one-backward context: norms, then the clipped
+    shards, against the single-process reference."""
     from gradhooks import per_sample_grads
+
+    with per_sample_grads(net, materialize=False, one_backward=True) as g:
+        loss_fn("mean")(net, ids[lo:hi], y[lo:hi]).backward()
+    torch.testing.assert_close(g.norms(), norms[lo:hi], **F64)
+    g.clip_(CLIP)
+    compare(net, want, F64)
+
+
+def run_checkpoint(rank: int, world: int, sizes: list[int]) -> int:
 
     lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
     ids, y = data(sum(sizes), seed=9)
@@ -262,12 +273,7 @@ def run_checkpoint(rank: int, world: int, sizes: list[int]) -> int:
         torch.manual_seed(0)
         net = CheckpointedNet().double()
         net.reentrant = reentrant
-        sharded(net)
-        with per_sample_grads(net, materialize=False, one_backward=True) as g:
-            loss_fn("mean")(net, ids[lo:hi], y[lo:hi]).backward()
-        torch.testing.assert_close(g.norms(), norms[lo:hi], **F64)
-        g.clip_(CLIP)
-        compare(net, want, F64)
+        clip_and_compare(sharded(net), ids, y, lo, hi, want, norms)
     return 1
 
 
@@ -299,7 +305,6 @@ class MergedLoRA(nn.Module):
 def run_derived(rank: int, world: int, sizes: list[int]) -> int:
     """Uses through non-view ops, whose per-sample gradients are replayed at exit with
     the parameters' values (all-gathered, since FSDP freed the unsharded copies)."""
-    from gradhooks import per_sample_grads
 
     def build() -> Net:
         net = make(torch.float64)
@@ -311,12 +316,7 @@ def run_derived(rank: int, world: int, sizes: list[int]) -> int:
     lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
     ids, y = data(sum(sizes), seed=13)
     want, norms = reference_clipped(build(), ids, y, "mean", CLIP)
-    net = sharded(build())
-    with per_sample_grads(net, materialize=False, one_backward=True) as g:
-        loss_fn("mean")(net, ids[lo:hi], y[lo:hi]).backward()
-    torch.testing.assert_close(g.norms(), norms[lo:hi], **F64)
-    g.clip_(CLIP)
-    compare(net, want, F64)
+    clip_and_compare(sharded(build()), ids, y, lo, hi, want, norms)
     return 1
 
 

@@ -116,7 +116,10 @@ def _joined(parts: list[Grads]) -> Grads:
         return None if ts[0] is None else torch.cat([t for t in ts if t is not None])
 
     def total(ts: list[Tensor | None]) -> Tensor | None:
-        return None if ts[0] is None else torch.stack([t for t in ts if t is not None]).sum(0)
+        out = ts[0]
+        for t in ts[1:]:
+            out = out if t is None or out is None else out + t
+        return out
 
     return Grads(cat([q.dw for q in parts]), cat([q.db for q in parts]), total([q.mw for q in parts]), total([q.mb for q in parts]))
 

@@ -202,30 +202,25 @@ class Chain:
         index = self.flat_index()
         if index is None:
             return False
-        if _only_injective_ops(self.origin):
+        if _only_ops(self.origin, INJECTIVE_NAMES):
             return True  # a transpose or a chunk: no need to count (a sort per call and step)
         counts = torch.zeros(self.sources[0].param.numel(), dtype=torch.int32, device=index.device)
         counts.index_add_(0, index.reshape(-1), torch.ones_like(index.reshape(-1), dtype=torch.int32))
         return bool((counts <= 1).all())
 
 
-#: View ops that never repeat an element of their input (bijections and sub-views).
-INJECTIVE_NAMES = frozenset(
-    {
-        "view", "reshape", "view_as", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze",
-        "ravel", "transpose", "swapaxes", "swapdims", "permute", "movedim", "moveaxis", "t",
-        "narrow", "select", "split", "chunk", "unbind", "tensor_split", "split_with_sizes",
-        "contiguous", "clone", "__get__", "flip", "roll",
-    }
-)  # fmt: skip
+#: View ops that never repeat an element of their input (bijections and sub-views);
+#: the others can (broadcasts, repeats, lookups with repeated indices).
+INJECTIVE_NAMES = VIEW_NAMES - {"expand", "expand_as", "broadcast_to", "repeat", "tile", "index_select", "embedding", "__getitem__"}
 
 
-def _only_injective_ops(origin: Origin) -> bool:
+def _only_ops(origin: Origin, names: frozenset[str]) -> bool:
+    """Whether every op from the parameter to ``origin`` is in ``names`` (or keeps values)."""
     stack: list[Origin] = [origin]
     while stack:
         node = stack.pop()
         if isinstance(node, Derived):
-            if node.name not in INJECTIVE_NAMES and node.name not in IDENTITY_NAMES:
+            if node.name not in names and node.name not in IDENTITY_NAMES:
                 return False
             stack.extend(node.parents)
     return True
@@ -233,15 +228,8 @@ def _only_injective_ops(origin: Origin) -> bool:
 
 def _index_map(origin: Origin) -> Tensor | None:
     """Replay ``origin`` on an index tensor if every op on the way is a view."""
-    nodes: list[Derived] = []
-    stack: list[Origin] = [origin]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, Derived):
-            if node.name not in VIEW_NAMES and node.name not in IDENTITY_NAMES:
-                return None
-            nodes.append(node)
-            stack.extend(node.parents)
+    if not _only_ops(origin, VIEW_NAMES):
+        return None
     source = origin.sources()[0] if isinstance(origin, Derived) else origin
     p = source.param
     env = {id(source): torch.arange(p.numel(), device=p.device).view(p.shape)}

@@ -57,6 +57,29 @@ class SubLinear(nn.Linear):
     """A subclass adds nothing to the math: the Linear rule applies."""
 
 
+class ViewedWeight(nn.Module):
+    """A weight used through views: ``how`` picks the injective (a transpose, two
+    disjoint chunks) or repeating (``repeat``, overlapping slices) maps back to it."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.w = nn.Parameter(torch.randn(6, 5) * 0.5)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "transpose":
+            h = x @ self.w.t()
+        elif self.how == "chunks":
+            a, b = self.w.chunk(2, 0)
+            h = torch.cat([F.linear(x, a), F.linear(x, b)], -1)
+        elif self.how == "repeat":
+            h = F.linear(x, self.w[:3].repeat(2, 1))
+        else:  # overlapping slices: rows 2-3 reach both uses
+            h = torch.cat([F.linear(x, self.w[:4]), F.linear(x, self.w[2:4])], -1)
+        return self.head(torch.tanh(h))
+
+
 def mlp(*layers: nn.Module) -> nn.Module:
     return nn.Sequential(*layers)
 
@@ -99,6 +122,8 @@ CASES = [
     ("frozen-weight", _frozen_weight, (5,), "class3", ce),
     ("unused-head", TwoHeads, (5,), "class3", ce),
     ("subclass", lambda: mlp(SubLinear(5, 6), nn.Tanh(), SubLinear(6, 3)), (5,), "class3", ce),
+ *[(f"viewed-{how}{seq}", lambda how=how: ViewedWeight(how), shape, target, loss)
+   for how in ("transpose", "chunks", "repeat", "overlap") for seq, shape, target, loss in (("", (5,), "class3", ce), ("-seq", (3, 5), "real", mse))],
 ]
 
 
